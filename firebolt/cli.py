@@ -1,0 +1,51 @@
+"""`firebolt <command>`: one CLI whose commands are plain functions.
+
+Each command's arguments mirror its function's signature. Errors a user can fix (missing files, bad images, bad
+model directories, wrong settings) end with a one-line message and exit status 2; set FIREBOLT_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# command -> (module, function, help). The module defines `function(**kwargs)` and `add_<function>_arguments(parser)`;
+# heavy imports live inside the functions, so building the parser stays cheap.
+COMMANDS = {
+    "build": ("firebolt.commands", "build", "assemble a Firebolt-VL model from a vision and a language checkpoint"),
+    "generate": ("firebolt.commands", "generate", "answer a prompt about an image"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="firebolt", description="Firebolt-VL: run, train, evaluate, measure and serve.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, function, help_text) in COMMANDS.items():
+        add_arguments = getattr(importlib.import_module(module), f"add_{function}_arguments")
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    module, function, _ = COMMANDS[args.pop("command")]
+    fn = getattr(importlib.import_module(module), function)
+    try:
+        result = fn(**args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # user-facing errors: one line, no traceback
+        from .errors import is_user_error
+
+        if os.environ.get("FIREBOLT_DEBUG") or not is_user_error(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

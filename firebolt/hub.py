@@ -1,0 +1,97 @@
+"""Saving and loading a whole Firebolt-VL directory: config.json + model.safetensors + tokenizer + processor files.
+
+Saving is atomic: everything is written into a temporary sibling directory that then replaces the target, so an
+interrupted save never leaves a half-written model where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .processing import PROCESSOR_FILE, FireboltProcessor
+
+
+class ModelDirError(ValueError):
+    """A directory that does not hold a usable Firebolt-VL model; the message says what is missing or wrong."""
+
+
+def save_model_dir(model, processor: FireboltProcessor | None, directory, extra_files: dict[str, str] | None = None) -> Path:
+    """Write model (+ processor) into `directory` atomically; returns the path."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def check_model_dir(directory) -> Path:
+    """Raise ModelDirError naming what a model directory lacks."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise ModelDirError(f"model directory not found: {directory}")
+    if not directory.is_dir():
+        raise ModelDirError(f"not a directory: {directory}")
+    config = directory / "config.json"
+    if not config.is_file():
+        raise ModelDirError(f"{directory} is not a Firebolt-VL model: config.json is missing")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{config} is not valid JSON: {e}") from None
+    if model_type != "firebolt":
+        raise ModelDirError(f"{directory} holds a {model_type!r} model, not a Firebolt-VL ('firebolt') model")
+    if not any(directory.glob("*.safetensors")):
+        raise ModelDirError(f"{directory} has no weights (model.safetensors is missing)")
+    if not (directory / PROCESSOR_FILE).is_file():
+        raise ModelDirError(f"{directory} has no {PROCESSOR_FILE}: save the processor with the model")
+    return directory
+
+
+def load_model_dir(directory, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(model in eval mode on device, processor) from a saved directory, with clear errors for bad directories."""
+    from .modeling import FireboltForConditionalGeneration
+
+    directory = check_model_dir(directory)
+    try:
+        model = FireboltForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelDirError(f"cannot load the model in {directory}: {str(e).splitlines()[0]}") from None
+    processor = FireboltProcessor.from_pretrained(directory)
+    return model.to(device).eval(), processor
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    table = {None: None, "auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}: use fp32, bf16 or fp16")
+    return table[name]

@@ -1,0 +1,374 @@
+"""The batching engine: one thread owns the model and runs queued requests in small batches, streaming tokens out.
+
+Glossary
+    B rows in a batch (one request per row)   T longest prompt in the batch (rows are left padded to it)
+    S processor image side
+
+Requests (`Job`s) wait in a bounded queue. The engine thread takes the oldest one and every other waiting job with the
+same *batch key*, up to `max_batch_size`, and runs them as one left-padded `model.generate` call (rows with and without
+an image mix freely: the model fills image memory per row).
+
+Batch keys, and why:
+    greedy (temperature 0)        -> one key for all: greedy rows are independent, so a batched greedy row equals the
+                                     same request run alone (the model's left padding is exact).
+    sampled, no seed              -> (temperature, top_p): same warpers, one shared generator seeded at random.
+    sampled with a seed           -> a key of its own: the request runs alone with `torch.Generator().manual_seed(seed)`,
+                                     exactly the draw `model.generate(..., generator=...)` makes for that prompt, so
+                                     the server's answer equals `generate` for the same seed. (Per-row generators would
+                                     need a second sampling loop beside `generate`'s; a row of its own keeps one
+                                     sampling path and costs only batching of seeded sampled requests.)
+
+Stopping is per row: the engine calls `generate(..., ignore_eos=True)` and watches every row itself (EOS, `stop`
+strings, the row's own `max_tokens`); a finished row gets its final event at once, and when every row is finished
+(or cancelled) the batch ends early. Tokens reach the requests through the model's streamer protocol (`put`/`end`),
+as `Event`s handed to each job's `sink` (the server wraps an asyncio queue; the sink must be thread-safe and quick).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+log = logging.getLogger("firebolt.serve")
+
+
+class QueueFullError(RuntimeError):
+    """The engine's queue holds `max_queue` waiting requests already (HTTP 429)."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is not running (shutting down or never started)."""
+
+
+class _BatchFinished(Exception):
+    """Raised from the streamer to end `generate` once every row of the batch is finished."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings of one request. temperature 0 = greedy (top_p and seed are then irrelevant)."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def batch_key(self, job_id: int) -> tuple:
+        if self.greedy:
+            return ("greedy",)
+        if self.seed is not None:
+            return ("seeded", job_id)
+        return ("sample", float(self.temperature), float(self.top_p))
+
+
+@dataclass
+class Event:
+    """What a job's sink receives: "delta" (new text), then one "done" (finish_reason + token counts) or "error"."""
+
+    kind: str
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: BaseException | None = None
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: prompt token ids (unpadded), its image's pixels (3, S, S) or None, settings, and an event sink."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: bool = False
+    emitted: bool = False  # has any text left for the client (then a failed batch cannot retry it)
+    finished: bool = False
+
+    def cancel(self) -> None:
+        """Stop working on this job (client gone); harmless after it finished."""
+        self.cancelled = True
+
+    def send(self, event: Event) -> None:
+        if self.finished:
+            return
+        if event.kind == "delta":
+            self.emitted = True
+        else:
+            self.finished = True
+        try:
+            self.sink(event)
+        except Exception:  # a closed event loop or a broken client must never stop the engine
+            log.debug("job %s: sink failed", self.id, exc_info=True)
+
+
+class IncrementalText:
+    """Token ids -> text pieces that are safe to show: incomplete UTF-8 at the end and a tail that may still become a
+    stop string are held back; the text is cut at the first stop string (which is not shown)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of self.text already handed out
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        """Append one token; returns the newly showable text ('' when nothing new can be shown yet)."""
+        if self.stopped:
+            return ""
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stop:
+            start = max(0, self.sent - max(len(s) for s in self.stop))
+            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = text[: min(hits)]
+                self.stopped = True
+                return self.flush()
+        self.text = text
+        safe = len(text)
+        while safe > self.sent and text[safe - 1] == "\ufffd":  # a multi-byte character not complete yet
+            safe -= 1
+        hold = 0
+        for s in self.stop:  # a suffix that is the start of a stop string may still turn into it
+            for k in range(min(len(s) - 1, safe - self.sent), hold, -1):
+                if text[safe - k : safe] == s[:k]:
+                    hold = k
+                    break
+        safe -= hold
+        if safe <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent : safe], safe
+        return piece
+
+    def flush(self) -> str:
+        """Everything not handed out yet (at the end of the row)."""
+        piece, self.sent = self.text[self.sent :], len(self.text)
+        return piece
+
+
+class _Row:
+    def __init__(self, job: Job, tokenizer, eos: set[int]):
+        self.job = job
+        self.text = IncrementalText(tokenizer, job.params.stop)
+        self.eos = set() if job.params.ignore_eos else eos
+        self.n = 0
+        self.done = False
+
+    def finish(self, reason: str) -> None:
+        rest = self.text.flush()
+        if rest:
+            self.job.send(Event("delta", rest))
+        self.job.send(Event("done", finish_reason=reason, prompt_tokens=len(self.job.input_ids), completion_tokens=self.n))
+        self.done = True
+
+    def step(self, token: int) -> None:
+        if self.done:
+            return
+        if self.job.cancelled:
+            self.done = True
+            return
+        self.n += 1
+        if token in self.eos:
+            self.finish("stop")
+            return
+        piece = self.text.add(token)
+        if piece:
+            self.job.send(Event("delta", piece))
+        if self.text.stopped:
+            self.finish("stop")
+        elif self.n >= self.job.params.max_tokens:
+            self.finish("length")
+
+
+class _BatchStreamer:
+    """The model's streamer protocol for a batch: put(prompt ids) first, then put(new ids (B,)) per step, end()."""
+
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for row, token in zip(self.rows, value.tolist()):
+            row.step(token)
+        if all(r.done for r in self.rows):
+            raise _BatchFinished
+
+    def end(self) -> None:
+        pass
+
+
+class Engine:
+    """Owns the model in one thread; `submit` jobs from any thread. Start with `start()`, stop with `stop()`."""
+
+    def __init__(self, model, processor, max_batch_size: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005):
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_batch_size = int(max_batch_size)
+        self.max_queue = int(max_queue)
+        self.batch_wait_s = float(batch_wait_s)
+        tc = model.config.text_config
+        eos = tc.eos_token_id if tc.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids: set[int] = set([eos] if isinstance(eos, int) else (eos or []))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.device = next(model.parameters()).device
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.running = 0  # rows in the batch being decoded now
+        self.stats = {"requests": 0, "batches": 0, "rows": 0, "tokens": 0, "errors": 0, "rejected": 0}
+
+    # ---- lifecycle ----
+    def start(self) -> "Engine":
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="firebolt-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Finish the batch in flight, fail waiting jobs, end the thread."""
+        with self._cond:
+            self._stopping = True
+            waiting = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        for job in waiting:
+            job.send(Event("error", error=EngineStoppedError("the server is shutting down")))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def queue_length(self) -> int:
+        return len(self._pending)
+
+    # ---- submitting ----
+    def submit(self, job: Job) -> None:
+        """Queue a job; raises QueueFullError when max_queue jobs are waiting, EngineStoppedError when stopped."""
+        if job.params.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        with self._cond:
+            if not self.alive:
+                raise EngineStoppedError("the engine is not running")
+            if len(self._pending) >= self.max_queue:
+                self.stats["rejected"] += 1
+                raise QueueFullError(f"the server is busy: {len(self._pending)} requests are already waiting")
+            self._pending.append(job)
+            self.stats["requests"] += 1
+            self._cond.notify()
+
+    # ---- the engine thread ----
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            if self.batch_wait_s > 0 and len(self._pending) < self.max_batch_size:
+                time.sleep(self.batch_wait_s)  # let a burst of requests arrive to share the batch
+            batch = self._take_batch()
+            if batch:
+                self.running = len(batch)
+                try:
+                    self._run(batch)
+                finally:
+                    self.running = 0
+
+    def _take_batch(self) -> list[Job]:
+        with self._cond:
+            while self._pending and self._pending[0].cancelled:
+                self._pending.popleft()
+            if not self._pending:
+                return []
+            head = self._pending[0]
+            key = head.params.batch_key(head.id)
+            batch = [j for j in self._pending if not j.cancelled and j.params.batch_key(j.id) == key]
+            batch = batch[: self.max_batch_size]
+            taken = {j.id for j in batch}
+            self._pending = deque(j for j in self._pending if j.id not in taken and not j.cancelled)
+            return batch
+
+    def _run(self, batch: list[Job]) -> None:
+        try:
+            self._generate(batch)
+        except Exception as e:  # never let one batch take the engine down
+            log.exception("batch of %d failed", len(batch))
+            retry = [j for j in batch if not j.finished and not j.emitted and not j.cancelled]
+            if len(batch) > 1 and retry:  # one bad row must not sink the others: run each alone
+                for job in retry:
+                    self._run([job])
+            for job in batch:
+                if not job.finished:
+                    self.stats["errors"] += 1
+                    job.send(Event("error", error=e))
+
+    def _generate(self, batch: list[Job]) -> None:
+        """Left-pad the prompts into (B, T), stack the images in row order, decode with per-row stopping."""
+        B, T = len(batch), max(len(j.input_ids) for j in batch)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        for i, job in enumerate(batch):
+            n = len(job.input_ids)
+            input_ids[i, T - n :] = torch.tensor(job.input_ids, dtype=torch.long)
+            attention_mask[i, T - n :] = 1
+        images = [j.pixel_values for j in batch if j.pixel_values is not None]
+        pixel_values = torch.stack(images).to(self.device, self.model.dtype) if images else None  # (N_img, 3, S, S)
+        params = batch[0].params
+        generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        rows = [_Row(j, self.tokenizer, self.eos_ids) for j in batch]
+        self.stats["batches"] += 1
+        self.stats["rows"] += B
+        try:
+            self.model.generate(
+                input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                pixel_values=pixel_values,
+                max_new_tokens=max(j.params.max_tokens for j in batch),
+                do_sample=not params.greedy,
+                temperature=params.temperature if not params.greedy else 1.0,
+                top_p=params.top_p,
+                ignore_eos=True,  # each row stops on its own (EOS / stop / max_tokens), see _Row
+                generator=generator,
+                streamer=_BatchStreamer(rows),
+            )
+        except _BatchFinished:
+            pass
+        for row in rows:
+            self.stats["tokens"] += row.n
+            if not row.done and not row.job.cancelled:
+                row.finish("length")

@@ -1,0 +1,296 @@
+"""S4: the structured state space sequence model with a DPLR state matrix, pure PyTorch.
+
+References:
+    A. Gu, K. Goel, C. Ré, "Efficiently Modeling Long Sequences with Structured State Spaces", ICLR 2022
+        (arXiv:2111.00396): NPLR/DPLR parameterisation, bilinear discretisation, the kernel computed from
+        its truncated generating function at the roots of unity with a Cauchy kernel and the Woodbury
+        identity (Algorithm 1), and the recurrent (Woodbury) step of its Appendix C.2.
+    A. Gu, T. Dao, S. Ermon, A. Rudra, C. Ré, "HiPPO: Recurrent Memory with Optimal Polynomial
+        Projections", NeurIPS 2020 (arXiv:2008.07669): the HiPPO-LegS matrices.
+    A. Gu, I. Johnson, A. Timalsina, A. Rudra, C. Ré, "How to Train Your HiPPO", ICLR 2023
+        (arXiv:2206.12037): the relation between C and C~ = C (I - dA^L) under truncation.
+
+Dimension glossary:
+    B   batch size
+    L   sequence length
+    H   number of channels (= d_model); one single-input single-output SSM per channel
+    N   d_state, the size of the HiPPO matrix; the layer keeps N2 = N // 2 complex modes (one of each
+        conjugate pair of eigenvalues of the normal part) and outputs 2 * Re(...)
+    N2  number of complex modes
+    M   N2, used for the second index of an (N2, N2) matrix
+
+Model (per channel h, dropping h), in the eigenbasis of the normal part of HiPPO-LegS:
+    A = diag(Lambda) - P P^*      (DPLR, rank 1),  Re(Lambda) = -exp(inv_A_real) < 0
+    bilinear:  dA = (I - dt/2 A)^-1 (I + dt/2 A),   dB = (I - dt/2 A)^-1 dt B      (dense, (N2, N2))
+    recurrence: x_k = dA x_k-1 + dB u_k,   y_k = 2 Re(C x_k) + D u_k               (x in C^N2)
+    kernel:     y = K * u + D u with K_k = 2 Re(C dA^k dB), k < L.
+Since A + A^* = 2 Re(Lambda) - 2 P P^* is negative definite, all eigenvalues of A lie in the open left
+half plane and the bilinear dA has spectral radius < 1 for any dt > 0 and any value of the parameters.
+
+Truncation. The generating function sum_{k<L} C dA^k dB z^k equals C~ (I - dA z)^-1 dB at the L-th roots of
+unity z, with C~ = C (I - dA^L). We learn C and form C~_L for the length L of every call with a dense matrix
+power (repeated squaring), so the kernel of any length and the recurrence describe one and the same system.
+
+Resolvent. With z on the unit circle, t = (1 + z) / 2 and u = (1 - z) / dt, one has
+    (I - dA z)^-1 dB = (D' + t P P^*)^-1 B,   D' = diag(u - t Lambda)
+(the bilinear factor 2 / (1 + z) is folded in, so z = -1 needs no special case), evaluated by Woodbury:
+    (D' + t P P^*)^-1 v = v / D' - t (P / D') (P^* (v / D')) / (1 + t P^* (P / D')).
+The inner products sum_n a_n b_n / D'_n are the Cauchy kernels of the paper.
+
+Block (as the state-spaces S4Block): y = GELU(K * u + D u) -> dropout -> Linear(H, 2H) -> GLU.
+
+Note: like the state-spaces implementation, the layer keeps one mode of each conjugate pair and reads out
+2 Re(C x); here the low-rank correction acts within the kept half, i.e. the state matrix is exactly the
+complex DPLR matrix above, and the parallel and recurrent forms below are exact for that system.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .base import SSMBase, State, fft_causal_conv, no_autocast, padding_mask, shift_right
+
+
+def hippo_legs_nplr(N: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HiPPO-LegS in diagonal-plus-low-rank form, keeping one mode of each conjugate pair.
+
+    HiPPO-LegS (Gu et al. 2020):  A_nk = -sqrt(2n+1) sqrt(2k+1) (n > k), -(n+1) (n = k), 0 (n < k),
+    B_n = sqrt(2n+1). With P_n = sqrt(n + 1/2), A + P P^T = -1/2 I + S with S skew-symmetric (normal),
+    so A = V (Lambda - (V^* P)(V^* P)^*) V^* with S = V diag(i w) V^*. Computed in float64.
+
+    Returns Lambda (N2,), P (N2,), B (N2,), complex128, in the eigenbasis (N2 = N // 2).
+    """
+    q = torch.arange(N, dtype=torch.float64)  # (N,)
+    r = torch.sqrt(2 * q + 1)  # (N,)
+    A = -torch.tril(r[:, None] * r[None, :], diagonal=-1) - torch.diag(q + 1)  # (N, N)
+    B = r.clone()  # (N,)
+    P = torch.sqrt(q + 0.5)  # (N,) rank-1 correction
+    AP = A + P[:, None] * P[None, :]  # (N, N) = -1/2 I + S
+    w_re = torch.diagonal(AP).mean()  # -1/2
+    S = AP - w_re * torch.eye(N, dtype=torch.float64)  # (N, N) skew-symmetric
+    w_im, V = torch.linalg.eigh(-1j * S.to(torch.complex128))  # -iS Hermitian: S V = V diag(i w_im)
+    idx = torch.argsort(w_im)[: N // 2]  # one eigenvalue of each conjugate pair (Im < 0, as state-spaces)
+    V = V[:, idx]  # (N, N2)
+    Lam = w_re + 1j * w_im[idx]  # (N2,)
+    Vh = V.conj().transpose(0, 1)  # (N2, N)
+    return Lam, Vh @ P.to(torch.complex128), Vh @ B.to(torch.complex128)
+
+
+def _bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(H, N2, M) matrices times (B, H, M) vectors -> (B, H, N2)."""
+    return torch.einsum("hnm,bhm->bhn", M, v)
+
+
+class S4Block(SSMBase):
+    """S4 layer (DPLR HiPPO-LegS, bilinear, Cauchy/Woodbury generating-function kernel) + S4Block tail.
+
+    Args:
+        d_model: number of channels H.
+        d_state: HiPPO size N (N // 2 complex modes). Must be even.
+        dt_min, dt_max: range of the log-uniform initialisation of the per-channel step size dt.
+        dropout: dropout after the GELU.
+        lr: optional learning rate of the dynamics (log_dt, Lambda, P, B); 0.0 freezes them (buffers).
+            They and D get `_optim = {"weight_decay": 0.0[, "lr": lr]}`.
+        l_max: accepted for compatibility with the state-spaces signature; unused, since the kernel is
+            computed for the exact length of every call (C is learnt, C~_L derived per call).
+
+    State: a 1-tuple `(x,)`, x (B, H, N2, 2) fp32 = the complex state as a real view.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, dt_min: float = 0.001, dt_max: float = 0.1,
+                 dropout: float = 0.0, lr: Optional[float] = None, l_max: Optional[int] = None):
+        super().__init__()
+        if d_state < 2 or d_state % 2:
+            raise ValueError(f"d_state must be an even number >= 2, got {d_state}")
+        H, N2 = d_model, d_state // 2
+        self.d_model, self.d_state, self.n_modes, self.l_max = d_model, d_state, N2, l_max
+
+        Lam, P, B = hippo_legs_nplr(d_state)  # (N2,) each, complex128
+        log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)  # (H,)
+        self._register_ssm_param("log_dt", log_dt, lr)
+        # Re(Lambda) = -exp(inv_A_real) stays < 0 (stability), Im(Lambda) free
+        self._register_ssm_param("inv_A_real", torch.log(-Lam.real).float().repeat(H, 1), lr)  # (H, N2)
+        self._register_ssm_param("A_imag", Lam.imag.float().repeat(H, 1), lr)  # (H, N2)
+        self._register_ssm_param("P", torch.view_as_real(P.to(torch.cfloat)).repeat(H, 1, 1), lr)  # (H, N2, 2)
+        self._register_ssm_param("B", torch.view_as_real(B.to(torch.cfloat)).repeat(H, 1, 1), lr)  # (H, N2, 2)
+        C = torch.randn(H, N2, dtype=torch.cfloat)  # complex normal, E|C|^2 = 1
+        self.C = nn.Parameter(torch.view_as_real(C).contiguous())  # (H, N2, 2)
+        self._register_ssm_param("D", torch.randn(H), None)  # (H,) skip connection
+
+        self.activation = nn.GELU()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.output_linear = nn.Linear(H, 2 * H)
+        self.glu = nn.GLU(dim=-1)
+        self._step_cache = None  # (key, step params) reused by `step` while the parameters do not change
+
+    # ------------------------------------------------------------------ SSM parameters (fp32)
+    def _ssm(self):
+        """-> dt (H,), Lambda (H, N2), P (H, N2), B (H, N2), C (H, N2) (complex64), D (H,)."""
+        dt = torch.exp(self.log_dt.float())  # (H,)
+        Lam = torch.complex(-torch.exp(self.inv_A_real.float()), self.A_imag.float())  # (H, N2)
+        P = torch.view_as_complex(self.P.float().contiguous())  # (H, N2)
+        B = torch.view_as_complex(self.B.float().contiguous())  # (H, N2)
+        C = torch.view_as_complex(self.C.float().contiguous())  # (H, N2)
+        return dt, Lam, P, B, C, self.D.float()
+
+    @staticmethod
+    def _bilinear(dt, Lam, P, B):
+        """Bilinear transform of A = diag(Lambda) - P P^* (Woodbury inverse of I - dt/2 A).
+
+        dt (H,), Lam/P/B (H, N2) -> dA (H, N2, N2), dB (H, N2), dense complex.
+        """
+        N2 = Lam.shape[-1]
+        eye = torch.eye(N2, dtype=Lam.dtype, device=Lam.device)  # (N2, N2)
+        h = (dt / 2)[:, None]  # (H, 1)
+        Dg = 1.0 - h * Lam  # (H, N2): I - dt/2 A = diag(Dg) + dt/2 P P^*
+        Pd = P / Dg  # (H, N2)
+        Pcd = P.conj() / Dg  # (H, N2)
+        denom = 1.0 + h * (P.conj() * Pd).sum(-1, keepdim=True)  # (H, 1)
+        M0_inv = torch.diag_embed(1.0 / Dg) - (h / denom)[..., None] * Pd[:, :, None] * Pcd[:, None, :]  # (H, N2, N2)
+        A = torch.diag_embed(Lam) - P[:, :, None] * P.conj()[:, None, :]  # (H, N2, N2)
+        M1 = eye + h[..., None] * A  # (H, N2, N2): I + dt/2 A
+        dA = M0_inv @ M1  # (H, N2, N2)
+        dB = dt[:, None] * torch.einsum("hnm,hm->hn", M0_inv, B)  # (H, N2)
+        return dA, dB
+
+    @staticmethod
+    def _matrix_powers(dA: torch.Tensor, n: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """dA (H, N2, N2) -> (dA^n, [dA^(2^i) for i < n.bit_length()]) by repeated squaring."""
+        eye = torch.eye(dA.shape[-1], dtype=dA.dtype, device=dA.device).expand_as(dA)
+        result, base, pows = eye, dA, []
+        for i in range(max(n.bit_length(), 1)):
+            pows.append(base)
+            if (n >> i) & 1:
+                result = result @ base
+            if i + 1 < n.bit_length():
+                base = base @ base
+        return result, pows
+
+    @staticmethod
+    def _apply_power_rows(pows: List[torch.Tensor], m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x (B, H, N2) -> dA^(m_b) x_b per row, m (B,) long in [0, 2^len(pows)). Powers of dA commute."""
+        for i, Pw in enumerate(pows):
+            bit = ((m >> i) & 1).bool()[:, None, None]  # (B, 1, 1)
+            x = torch.where(bit, _bmv(Pw, x), x)
+        return x
+
+    def discrete_matrices(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(dA (H, N2, N2), dB (H, N2)) complex64: the recurrent form's matrices."""
+        dt, Lam, P, B, _, _ = self._ssm()
+        return self._bilinear(dt, Lam, P, B)
+
+    # ------------------------------------------------------------------ generating function
+    def _frequency_terms(self, L: int):
+        """Everything the parallel form needs for length L.
+
+        Returns a dict with dA (H, N2, N2), dA^L (H, N2, N2), the powers dA^(2^i), C~ (H, N2), the
+        Woodbury pieces R = 1/D' (H, N2, L), t (L,), k01, k10, den (H, L), the roots of unity z (L,), and
+        the kernel K (H, L) fp32.
+        """
+        dt, Lam, P, B, C, D = self._ssm()
+        dA, _ = self._bilinear(dt, Lam, P, B)  # (H, N2, N2)
+        dA_L, pows = self._matrix_powers(dA, L)  # (H, N2, N2)
+        eye = torch.eye(dA.shape[-1], dtype=dA.dtype, device=dA.device)
+        Ct = torch.einsum("hm,hmn->hn", C, eye - dA_L)  # (H, N2): C~ = C (I - dA^L)
+
+        j = torch.arange(L, device=dt.device, dtype=torch.float64)  # (L,)
+        z = torch.polar(torch.ones_like(j), -2 * math.pi * j / L).to(torch.cfloat)  # (L,) roots of unity
+        t = (1 + z) / 2  # (L,)
+        uz = (1 - z)[None, :] / dt[:, None]  # (H, L)
+        R = 1.0 / (uz[:, None, :] - t[None, None, :] * Lam[..., None])  # (H, N2, L): 1 / D'
+        Pc = P.conj()
+        # the four Cauchy kernels sum_n a_n b_n / D'_n in one contraction
+        ab = torch.stack([Ct * B, Ct * P, Pc * B, Pc * P])  # (4, H, N2)
+        k00, k01, k10, k11 = torch.einsum("khn,hnl->khl", ab, R).unbind(0)  # (H, L) each
+        den = 1.0 + t * k11  # (H, L)
+        K_hat = k00 - t * k01 * k10 / den  # (H, L): sum_{k<L} C dA^k dB z^k
+        K = 2 * torch.fft.ifft(K_hat, dim=-1).real  # (H, L)
+        return dict(dt=dt, Lam=Lam, P=P, B=B, D=D, dA=dA, dA_L=dA_L, pows=pows, eye=eye, Ct=Ct, z=z, t=t,
+                    R=R, k01=k01, k10=k10, den=den, K=K)
+
+    def kernel(self, L: int) -> torch.Tensor:
+        """Convolution kernel K (H, L) fp32, K_k = 2 Re(C dA^k dB), from the generating function."""
+        with no_autocast(self.C.device.type):
+            return self._frequency_terms(L)["K"]
+
+    # ------------------------------------------------------------------ parallel form
+    def _forward(self, x: torch.Tensor, n_pad: Optional[torch.Tensor], state: Optional[State]):
+        Bsz, L, H = x.shape
+        state_dtype = self._state_dtype(state)
+        with no_autocast(x.device.type):
+            u = x.float().transpose(1, 2)  # (B, H, L)
+            if n_pad is not None:
+                u = u * padding_mask(n_pad, L)[:, None, :].to(u.dtype)  # padding inputs -> 0
+            f = self._frequency_terms(L)
+            R, t, z, den, P = f["R"], f["t"], f["z"], f["den"], f["P"]
+            y = fft_causal_conv(u, f["K"]) + f["D"][:, None] * u  # (B, H, L)
+
+            # State after the last position from the inputs: sum_k dA^(L-1-k) dB u_k = entry L-1 of the
+            # circular convolution of u with the state kernel dA^k dB, whose DFT is (I - dA^L) Res(B).
+            res_B = R * f["B"][..., None] - (t * f["k10"] / den)[:, None, :] * (R * P[..., None])  # (H, N2, L)
+            u_hat = torch.fft.fft(u.to(torch.cfloat), dim=-1)  # (B, H, L)
+            w = torch.einsum("hnl,bhl->bhn", res_B * (z / L), u_hat)  # (B, H, N2); z_j = exp(2 pi i j (L-1)/L)
+            s = _bmv(f["eye"] - f["dA_L"], w)  # (B, H, N2)
+
+            if state is not None:
+                x0 = torch.view_as_complex(state[0].float().contiguous())  # (B, H, N2)
+                dt, Lam = f["dt"], f["Lam"]
+                # y_t += 2 Re(C dA^(t+1) x0): generating function C~ (I - dA z)^-1 dA x0
+                #       = C~ Res(v) with v = (I + dt/2 A) x0 / dt
+                Ax0 = Lam * x0 - P * (P.conj() * x0).sum(-1, keepdim=True)  # (B, H, N2): A x0
+                v = (x0 + (dt / 2)[:, None] * Ax0) / dt[:, None]  # (B, H, N2)
+                ab = torch.stack([f["Ct"] * v, P.conj() * v])  # (2, B, H, N2)
+                s00, s10 = torch.einsum("kbhn,hnl->kbhl", ab, R).unbind(0)  # (B, H, L) each
+                ys_hat = s00 - t * f["k01"] * s10 / den  # (B, H, L)
+                ys = 2 * torch.fft.ifft(ys_hat, dim=-1).real  # (B, H, L)
+                if n_pad is None:
+                    s = s + _bmv(f["dA_L"], x0)  # dA^L x0
+                else:
+                    ys = shift_right(ys, n_pad)  # the recurrence of row b starts at position n_pad[b]
+                    s = s + self._apply_power_rows(f["pows"], L - n_pad, x0)  # dA^(L - n_pad) x0
+                y = y + ys
+            y = y.transpose(1, 2).to(x.dtype)  # (B, L, H)
+            new_state = (torch.view_as_real(s).to(state_dtype),)  # (B, H, N2, 2)
+        return self._output(y), new_state
+
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        """GELU -> dropout -> Linear(H, 2H) -> GLU, on (..., H)."""
+        return self.glu(self.output_linear(self.dropout(self.activation(y))))
+
+    # ------------------------------------------------------------------ recurrent form
+    def _step_params(self):
+        """-> dA (H, N2, N2), dB (H, N2), C (H, N2), D (H,) for `step`.
+
+        O(H N^2) and independent of the sequence length; cached (and reused across `step` calls) while
+        gradients are disabled and no dynamics parameter has been modified, else recomputed per call.
+        """
+        tensors = (self.log_dt, self.inv_A_real, self.A_imag, self.P, self.B, self.C, self.D)
+        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in tensors))
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in tensors)
+        if cacheable and self._step_cache is not None and self._step_cache[0] == key:
+            return self._step_cache[1]
+        dt, Lam, P, B, C, D = self._ssm()
+        dA, dB = self._bilinear(dt, Lam, P, B)
+        params = (dA, dB, C, D)
+        self._step_cache = (key, params) if cacheable else None
+        return params
+
+    def step(self, x: torch.Tensor, state: State):
+        """x (B, H), state (x,) -> (y (B, H), new_state). O(H N^2) per token."""
+        state_dtype = self._state_dtype(state)
+        with no_autocast(x.device.type):
+            dA, dB, C, D = self._step_params()
+            u = x.float()  # (B, H)
+            s = torch.view_as_complex(state[0].float().contiguous())  # (B, H, N2)
+            s = _bmv(dA, s) + dB * u[..., None]  # (B, H, N2)
+            y = 2 * torch.einsum("hn,bhn->bh", C, s).real + D * u  # (B, H)
+            y = y.to(x.dtype)
+            new_state = (torch.view_as_real(s).to(state_dtype),)
+        return self._output(y), new_state
+
+    def init_state(self, batch_size: int, device=None, dtype: torch.dtype = torch.float32) -> State:
+        return (torch.zeros(batch_size, self.d_model, self.n_modes, 2, device=device, dtype=dtype),)
