@@ -16,6 +16,9 @@ import sys
 COMMANDS = {
     "build": ("firebolt.commands", "build", "assemble a Firebolt-VL model from a vision and a language checkpoint"),
     "generate": ("firebolt.commands", "generate", "answer a prompt about an image"),
+    "serve": ("firebolt.serve.cli", "serve", "serve the model over an OpenAI-compatible HTTP API"),
+    "chat": ("firebolt.serve.cli", "chat", "chat with the model about an image in the terminal"),
+    "explain": ("firebolt.serve.cli", "explain", "draw which image grids each prompt word drew on (CMM weights)"),
 }
 
 
@@ -30,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars are noise on the command line
     module, function, _ = COMMANDS[args.pop("command")]
     fn = getattr(importlib.import_module(module), function)
     try:

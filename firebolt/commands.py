@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
 
 def add_build_arguments(p):
@@ -121,11 +120,11 @@ def answer(model_dir, prompt, image=None, max_new_tokens=64, temperature=0.0, to
     from .hub import load_model_dir, parse_dtype, resolve_device
     from .processing import load_image
 
-    if image is not None and not Path(image).is_file():
-        raise FileNotFoundError(f"image file not found: {image}")
+    pil = load_image(image) if image is not None else None  # bad images fail before the model loads
     dev = resolve_device(device)
     model, processor = load_model_dir(model_dir, dev, parse_dtype(dtype))
-    pil = load_image(image, processor.max_image_pixels) if image is not None else None
+    if pil is not None:
+        pil = load_image(pil, processor.max_image_pixels)
     inputs = processor(processor.build_prompt(prompt, pil is not None), images=pil)
     inputs = {k: v.to(dev) for k, v in inputs.items()}
     if "pixel_values" in inputs:

@@ -47,13 +47,15 @@ def load_image(source, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Ima
             image = Image.open(fp)
         except UnidentifiedImageError:
             raise ImageLoadError(f"not a readable image: {name}") from None
+        except Image.DecompressionBombError as e:
+            raise ImageLoadError(f"image {name} is too large: {e}") from None
         except OSError as e:
             raise ImageLoadError(f"corrupt or truncated image {name}: {e}") from None
     w, h = image.size
     if w < 1 or h < 1:
         raise ImageLoadError(f"image {name} has no pixels ({w}x{h})")
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageLoadError(f"image {name} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+        raise ImageLoadError(f"image {name} is too large: {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
     try:
         image.load()
         image = ImageOps.exif_transpose(image)

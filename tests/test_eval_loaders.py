@@ -13,6 +13,7 @@ from PIL import Image
 
 from firebolt.eval import BenchmarkDataError, load_benchmark, score
 from firebolt.eval.prompts import LETTER_INSTRUCTION, SHORT_ANSWER_INSTRUCTION
+from firebolt.eval.score import main as score_main
 from firebolt.eval.score import read_predictions, score_predictions_file
 
 IMG_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -172,7 +173,7 @@ def test_mme_lmms_parquet(tmp_path):
     assert [it.question_id for it in items] == ["code_reasoning/0020.png#0", "code_reasoning/0020.png#1",
                                                  "artwork/10002.jpg#0"]
     assert items[0].meta["image_key"] == items[1].meta["image_key"]
-    assert items[2].prompt == "Is this a painting? Please answer yes or no.\n" + SHORT_ANSWER_INSTRUCTION
+    assert items[2].prompt == "Is this a painting?\n" + SHORT_ANSWER_INSTRUCTION
     res = score("mme", items, {items[0].question_id: "Yes", items[1].question_id: "No",
                                items[2].question_id: "No"})
     assert res["cognition"] == 200.0 and res["perception"] == 0.0
@@ -382,3 +383,14 @@ def test_read_predictions_errors(tmp_path):
         read_predictions(p)
     p.write_text('{"question_id": 1, "answer": "a"}\n\n{"question_id": "1", "answer": null}\n')
     assert read_predictions(p) == {"1": ""}  # ids compared as strings: the last line wins
+
+
+def test_score_command_main(tmp_path, capsys):
+    _write_synthetic(tmp_path)
+    pred = tmp_path / "p.jsonl"
+    pred.write_text(json.dumps({"question_id": "s2", "answer": "B."}) + "\n")
+    out = tmp_path / "scores.json"
+    assert score_main(["synthetic", "--data", str(tmp_path), "--predictions", str(pred), "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert abs(res["overall"] - 100 / 3) < 1e-9 and res["n_missing"] == 2
+    assert "== synthetic ==" in capsys.readouterr().out

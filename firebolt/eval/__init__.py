@@ -16,7 +16,7 @@ from typing import Callable, Optional, Tuple
 
 from .loaders import (BenchmarkDataError, BytesImage, EvalItem, FileImage, FirstImage, ImageRef, LOADERS,
                       ParquetImage, load_benchmark)
-from .scorers import SCORERS, format_table, score, write_vqav2_submission
+from .scorers import SCORERS, format_table, write_vqav2_submission
 
 
 @dataclass(frozen=True)

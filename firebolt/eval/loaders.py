@@ -553,7 +553,7 @@ def _mme_items(rows: Iterable[Tuple[str, str, str, str, Any]]) -> List[EvalItem]
     for cat, key, question, answer, image in rows:
         k = seen.get(key, 0)
         seen[key] = k + 1
-        items.append(EvalItem(question_id=f"{key}#{k}", image=image, prompt=P.short_answer_prompt(question),
+        items.append(EvalItem(question_id=f"{key}#{k}", image=image, prompt=P.mme_prompt(question),
                               meta={"category": cat, "image_key": key, "answer": str(answer).strip()}))
     return items
 

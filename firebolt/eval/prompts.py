@@ -3,6 +3,7 @@
 The formats follow the LLaVA-1.5 / lmms-eval conventions that the published small-VLM numbers use:
 
 * short-answer benchmarks (VQAv2, POPE, MME): ``"{question}\\nAnswer the question using a single word or phrase."``
+  (MME drops its questions' own " Please answer yes or no." first, as lmms-eval does)
 * lettered multiple choice (AI2D, ScienceQA-IMG, MMBench, MMMU): options written ``"A. option"`` one per line, then
   ``"Answer with the option's letter from the given choices directly."``
 """
@@ -33,6 +34,14 @@ def format_options(options: Sequence[str]) -> str:
 def short_answer_prompt(question: str) -> str:
     """VQAv2 / POPE / MME: question + short-answer instruction."""
     return f"{question.strip()}\n{SHORT_ANSWER_INSTRUCTION}"
+
+
+MME_YES_NO_SUFFIX = " Please answer yes or no."
+
+
+def mme_prompt(question: str) -> str:
+    """MME as in lmms-eval: the question's own " Please answer yes or no." is replaced by the short-answer line."""
+    return short_answer_prompt(question.strip().replace(MME_YES_NO_SUFFIX, ""))
 
 
 def multiple_choice_prompt(question: str, options: Sequence[str], context: Optional[str] = None,

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from .loaders import load_benchmark
 from .scorers import format_table, score

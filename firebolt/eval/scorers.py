@@ -732,8 +732,11 @@ def score_mmbench(items, predictions) -> dict:
     lookup = _prediction_lookup(predictions)
     rows_by_group: Dict[int, list] = defaultdict(list)
     main_rows = OrderedDict()
-    n_unparsed = n_missing = 0
+    n_unparsed = n_missing = n_unscored = 0
     for it in items:
+        if it.meta.get("answer") is None:  # test split: no ground truth here
+            n_unscored += 1
+            continue
         pred, missing = _get_prediction(lookup, it.question_id)
         n_missing += missing
         letter = mmbench_extract_letter(pred, it.meta["options"])
@@ -757,7 +760,7 @@ def score_mmbench(items, predictions) -> dict:
         "per_category": {k: {"acc": 100.0 * _mean(v), "n": len(v)} for k, v in sorted(per_cat.items())},
         "single_pass": 100.0 * _mean(single),
         "n_groups": len(group_hits), "n_rows": sum(len(v) for v in rows_by_group.values()),
-        "n_unparsed": n_unparsed, "n_missing": n_missing,
+        "n_unparsed": n_unparsed, "n_missing": n_missing, "n_unscored": n_unscored,
     }
     return _with_main(out, "overall", out["overall"])
 
@@ -863,68 +866,60 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _render_rows(rows: List[List[str]], header: Optional[List[str]] = None) -> List[str]:
-    all_rows = ([header] if header else []) + rows
-    widths = [max(len(r[i]) if i < len(r) else 0 for r in all_rows) for i in range(max(len(r) for r in all_rows))]
-    lines = []
-    for j, r in enumerate(all_rows):
-        cells = [r[i].ljust(widths[i]) if i == 0 else r[i].rjust(widths[i]) for i in range(len(r))]
-        lines.append("  ".join(cells).rstrip())
-        if header and j == 0:
-            lines.append("  ".join("-" * w for w in widths))
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _kv_lines(pairs: List[Tuple[str, Any]]) -> List[str]:
+    if not pairs:
+        return []
+    kw = max(len(k) for k, _ in pairs)
+    nw = max([len(_fmt(v)) for _, v in pairs if _is_number(v)] or [0])
+    return [f"{k.ljust(kw)}  {_fmt(v).rjust(nw) if _is_number(v) else _fmt(v)}".rstrip() for k, v in pairs]
+
+
+def _table_lines(rows: Mapping[str, Mapping[str, Any]]) -> List[str]:
+    cols: List[str] = []
+    for r in rows.values():
+        for c, v in r.items():
+            if not isinstance(v, Mapping) and c not in cols:
+                cols.append(c)
+    table = [[""] + cols] + [[str(k)] + [_fmt(r.get(c, "")) for c in cols] for k, r in rows.items()]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    out = []
+    for j, row in enumerate(table):
+        out.append("  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+                             for i, cell in enumerate(row)).rstrip())
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def _section_lines(path: str, d: Mapping[str, Any]) -> List[str]:
+    lines = ["", f"[{path}]"]
+    if d and all(isinstance(v, Mapping) for v in d.values()):
+        lines.extend(_table_lines(d))
+        for k, row in d.items():
+            for c, v in row.items():
+                if isinstance(v, Mapping):
+                    lines.extend(_section_lines(f"{path}.{k}.{c}", v))
+        return lines
+    lines.extend(_kv_lines([(str(k), v) for k, v in d.items() if not isinstance(v, Mapping)]))
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            lines.extend(_section_lines(f"{path}.{k}", v))
     return lines
 
 
-def _is_table(d: Mapping) -> bool:
-    return bool(d) and all(isinstance(v, Mapping) for v in d.values()) and \
-        all(not isinstance(x, Mapping) for v in d.values() for x in v.values())
-
-
 def format_table(name: str, scores: Mapping[str, Any]) -> str:
-    """A plain-text table of a :func:`score` result: scalars first, then one sub-table per breakdown
-    (e.g. MME subtasks, MMMU subjects, POPE splits, synthetic families)."""
-    title = f"== {name} =="
-    lines = [title]
-    main_metric = scores.get("main_metric")
+    """A plain-text table of a :func:`score` result: the main metric and the scalars first, then one section per
+    breakdown (rows of a mapping of mappings become a table: MME subtasks, MMMU subjects, POPE splits, ...)."""
+    lines = [f"== {name} =="]
     if "main" in scores:
-        lines.append(f"main ({main_metric}): {_fmt(scores['main'])}")
-    scalars, sections = [], []
+        lines.append(f"main ({scores.get('main_metric')}): {_fmt(scores['main'])}")
+    skip = ("benchmark", "main", "main_metric")
+    lines.extend(_kv_lines([(k, v) for k, v in scores.items() if k not in skip and not isinstance(v, Mapping)]))
     for k, v in scores.items():
-        if k in ("benchmark", "main", "main_metric"):
-            continue
-        if isinstance(v, Mapping):
-            sections.append((k, v))
-        else:
-            scalars.append([k, _fmt(v)])
-    if scalars:
-        lines.extend(_render_rows(scalars))
-    for k, v in sections:
-        lines.append("")
-        lines.append(f"[{k}]")
-        if _is_table(v):
-            cols = []
-            for row in v.values():
-                for c in row:
-                    if c not in cols:
-                        cols.append(c)
-            rows = [[str(rk)] + [_fmt(rv.get(c, "")) for c in cols] for rk, rv in v.items()]
-            lines.extend(_render_rows(rows, header=[""] + [str(c) for c in cols]))
-        else:
-            flat, nested = [], []
-            for kk, vv in v.items():
-                (nested if isinstance(vv, Mapping) else flat).append((kk, vv))
-            if flat:
-                lines.extend(_render_rows([[str(kk), _fmt(vv)] for kk, vv in flat]))
-            for kk, vv in nested:
-                lines.append(f"  <{kk}>")
-                if _is_table(vv):
-                    cols = []
-                    for row in vv.values():
-                        for c in row:
-                            if c not in cols:
-                                cols.append(c)
-                    rows = [[str(rk)] + [_fmt(rv.get(c, "")) for c in cols] for rk, rv in vv.items()]
-                    lines.extend("  " + x for x in _render_rows(rows, header=[""] + [str(c) for c in cols]))
-                else:
-                    lines.extend("  " + x for x in _render_rows([[str(a), _fmt(b)] for a, b in vv.items()]))
+        if k not in skip and isinstance(v, Mapping):
+            lines.extend(_section_lines(k, v))
     return "\n".join(lines)

@@ -130,9 +130,11 @@ class ChatSession:
         return answer
 
 
-def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
-             stderr: TextIO = sys.stderr, interactive: bool | None = None) -> int:
-    """The read-answer loop. Errors (a bad image path, a too-long message) are printed and the chat goes on."""
+def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None,
+             stderr: TextIO | None = None, interactive: bool | None = None) -> int:
+    """The read-answer loop (default streams: sys.stdin/stdout/stderr). Errors (a bad image path, a too-long message)
+    are printed and the chat goes on. Returns 0 on /quit or end of input."""
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     if interactive is None:
         interactive = stdin.isatty()
     if interactive:
