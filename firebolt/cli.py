@@ -16,9 +16,12 @@ import sys
 COMMANDS = {
     "build": ("firebolt.commands", "build", "assemble a Firebolt-VL model from a vision and a language checkpoint"),
     "generate": ("firebolt.commands", "generate", "answer a prompt about an image"),
+    "train": ("firebolt.train.cli", "train", "train through the stages of a recipe (single process, torchrun or accelerate)"),
     "serve": ("firebolt.serve.cli", "serve", "serve the model over an OpenAI-compatible HTTP API"),
     "chat": ("firebolt.serve.cli", "chat", "chat with the model about an image in the terminal"),
     "explain": ("firebolt.serve.cli", "explain", "draw which image grids each prompt word drew on (CMM weights)"),
+    "eval": ("firebolt.eval.cli", "eval_command", "evaluate a model on a benchmark (resumable; predictions + scores)"),
+    "score": ("firebolt.eval.cli", "score_command", "score a predictions file against a benchmark"),
 }
 
 

@@ -226,3 +226,18 @@ def test_save_is_atomic_on_failure(tmp_path, tiny_factory, monkeypatch):
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     load_model_dir(tmp_path / "m")  # the previous model still loads (processor file intact)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("ssm", ["s4", "s4d", "mamba"])
+def test_half_precision_runs_with_fp32_ssm_kernels(tiny_factory, red_image, ssm):
+    import copy
+
+    model, processor = tiny_factory(fusion_type="cmm", ssm_type=ssm)
+    batch = processor(processor.build_prompt("What color?", True), images=red_image)
+    ref = model(**batch).logits
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    out = half(**batch).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert (out.float() - ref).abs().max() < 0.15 * ref.abs().max()
+    assert half.generate(**batch, max_new_tokens=3, ignore_eos=True).shape[1] == batch["input_ids"].shape[1] + 3

@@ -309,8 +309,9 @@ def prepare_inputs(processor, text: str, data: bytes | None, max_pixels: int | N
         try:
             image = load_image(data, max_pixels)
         except ImageLoadError as e:
-            code = "image_too_large" if "over the limit" in str(e) else "invalid_image"
-            raise APIError(400, str(e).replace("image bytes", "the image"), param="messages", code=code) from None
+            message = str(e).replace("image bytes", "the image")
+            code = "image_too_large" if ("too large" in message or "over the limit" in message) else "invalid_image"
+            raise APIError(400, message, param="messages", code=code) from None
         except Image.DecompressionBombError as e:
             raise APIError(400, f"image refused: {e}", param="messages", code="image_too_large") from None
     try:

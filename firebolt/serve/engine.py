@@ -243,6 +243,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.running = 0  # rows in the batch being decoded now
+        self._current: list[Job] = []
         self.stats = {"requests": 0, "batches": 0, "rows": 0, "tokens": 0, "errors": 0, "rejected": 0}
 
     # ---- lifecycle ----
@@ -254,14 +255,15 @@ class Engine:
         return self
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Finish the batch in flight, fail waiting jobs, end the thread."""
+        """Fail the waiting jobs and the batch in flight (it ends at its next token), end the thread."""
         with self._cond:
             self._stopping = True
-            waiting = list(self._pending)
+            dropped = list(self._pending) + list(self._current)
             self._pending.clear()
             self._cond.notify_all()
-        for job in waiting:
+        for job in dropped:
             job.send(Event("error", error=EngineStoppedError("the server is shutting down")))
+            job.cancel()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -305,6 +307,7 @@ class Engine:
                     self._run(batch)
                 finally:
                     self.running = 0
+                    self._current = []
 
     def _take_batch(self) -> list[Job]:
         with self._cond:
@@ -318,6 +321,7 @@ class Engine:
             batch = batch[: self.max_batch_size]
             taken = {j.id for j in batch}
             self._pending = deque(j for j in self._pending if j.id not in taken and not j.cancelled)
+            self._current = batch
             return batch
 
     def _run(self, batch: list[Job]) -> None:

@@ -79,12 +79,23 @@ def read_local(url: str, policy: ImagePolicy) -> bytes:
 
 
 async def fetch_remote(url: str, policy: ImagePolicy) -> bytes:
-    """GET an http(s) image with a timeout and a byte limit."""
-    import httpx
+    """GET an http(s) image with a byte limit, a per-operation timeout and an overall deadline (2x the timeout, so a
+    server trickling bytes cannot hold the request)."""
+    import asyncio
 
     if not policy.allow_remote:
         raise _bad("remote image URLs are disabled on this server (send a data: URL, or start it with "
                    "--allow-remote-images)", code="remote_images_disabled")
+    try:
+        return await asyncio.wait_for(_fetch(url, policy), timeout=2 * policy.timeout_s)
+    except asyncio.TimeoutError:
+        raise _bad(f"could not fetch the image from {url}: no complete answer within {2 * policy.timeout_s:g} s",
+                   code="image_fetch_failed") from None
+
+
+async def _fetch(url: str, policy: ImagePolicy) -> bytes:
+    import httpx
+
     try:
         async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=True, max_redirects=3) as client:
             async with client.stream("GET", url) as response:

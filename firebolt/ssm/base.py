@@ -111,12 +111,15 @@ class SSMBase(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"expected x of shape (B, L, D), got {tuple(x.shape)}")
         B, L, _ = x.shape
+        if L == 0:  # nothing to do: the state is unchanged
+            return x.new_zeros(B, 0, self.d_model), (state if state is not None else
+                                                     self.init_state(B, x.device))
         if mask is None:
             return self._forward(x, None, state)
         if mask.shape != (B, L):
             raise ValueError(f"mask must have shape {(B, L)}, got {tuple(mask.shape)}")
         mask = mask.to(device=x.device) != 0  # (B, L) bool
-        if L == 0 or bool(mask.all()):
+        if bool(mask.all()):
             return self._forward(x, None, state)
         perm, n_pad = left_align(mask)
         if perm is None:
@@ -140,12 +143,11 @@ class SSMBase(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ parameter helpers
-    def _register_ssm_param(self, name: str, tensor: torch.Tensor, lr: Optional[float] = None,
-                            tag_lr: bool = True) -> None:
+    def _register_ssm_param(self, name: str, tensor: torch.Tensor, lr: Optional[float] = None) -> None:
         """Register an SSM dynamics tensor (fp32) following the state-spaces `register` convention.
 
         lr == 0.0 -> a (non-trainable) buffer; otherwise a parameter tagged with
-        `_optim = {"weight_decay": 0.0}` plus `"lr": lr` when lr is given and `tag_lr` is set.
+        `_optim = {"weight_decay": 0.0}` plus `"lr": lr` when lr is given.
         """
         tensor = tensor.detach().to(torch.float32)
         if lr == 0.0:
@@ -153,7 +155,7 @@ class SSMBase(nn.Module):
         else:
             p = nn.Parameter(tensor)
             optim = {"weight_decay": 0.0}
-            if lr is not None and tag_lr:
+            if lr is not None:
                 optim["lr"] = lr
             p._optim = optim
             self.register_parameter(name, p)

@@ -32,7 +32,9 @@ State: (conv_state (B, E, K - 1), ssm_state (B, E, N)): the last K - 1 conv inpu
 
 Fast path: if `mamba_ssm` (selective_scan_fn) and `causal_conv1d` import, the input is on CUDA, no state is
 passed in and the fast path is not disabled (`FORCE_PURE_PYTORCH = True` at module level, or
-`Mamba(..., use_fast_path=False)`), the fused kernels are used. Otherwise the pure-PyTorch chunked scan runs.
+`Mamba(..., use_fast_path=False)`), the fused kernels are used (note: mamba_ssm does not backpropagate
+through the returned last SSM state). Otherwise the pure-PyTorch chunked scan runs (on CUDA without the
+kernels a one-time warning gives the pip command).
 """
 
 from __future__ import annotations
@@ -90,34 +92,54 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, h0=None) -> Tuple[torc
     return _scan_output(y, u, D, z), h
 
 
-def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, h0=None, chunk_size: int = 32):
+def _linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve h_t = a_t h_t-1 + b_t (h_-1 = 0) along the first (time) dim, in parallel. a, b: (T, ...).
+
+    Work-efficient odd/even recursion (the Blelloch-style parallel scan, written out of place so that
+    autograd can differentiate it): pairs (2i, 2i+1) are combined into one step with decay a_2i+1 a_2i and
+    input a_2i+1 b_2i + b_2i+1, the half-length problem gives h at the odd positions, and the even positions
+    follow with one more step. O(T) work, depth log2(T); only products of decays occur (stable for any dt).
+    """
+    T = a.shape[0]
+    if T == 1:
+        return b
+    T2 = T - T % 2  # even part
+    a0, a1 = a[0:T2:2], a[1:T2:2]  # (T//2, ...) decays at even / odd positions
+    b0, b1 = b[0:T2:2], b[1:T2:2]
+    h_odd = _linear_scan(a1 * a0, torch.addcmul(b1, a1, b0))  # (T//2, ...): h_1, h_3, ...
+    h = torch.empty_like(b)  # (T, ...)
+    h[1:T2:2] = h_odd
+    h[0] = b[0]
+    h[2:T2:2] = torch.addcmul(b0[1:], a0[1:], h_odd[:-1])  # h_2i = a_2i h_2i-1 + b_2i
+    if T % 2:
+        h[T - 1] = torch.addcmul(b[T - 1], a[T - 1], h_odd[-1])
+    return h
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, h0=None, chunk_size: int = 16):
     """Parallel selective scan, same signature and result as `selective_scan_ref`.
 
-    The sequence is cut into chunks of T = chunk_size positions. Inside a chunk the linear recurrence
-    h_t = a_t h_t-1 + b_t (a_t = exp(dt_t A), b_t = dt_t Bs_t x_t) is solved for all t at once with a
-    log-depth doubling scan (Hillis & Steele): after the round with offset k, b_t holds the state reached from
-    zero over the window (t - 2k, t] and a_t the window's cumulative decay prod exp(dt A) =
-    exp(sum dt A) (the cumulative log-decay). Only multiplications of decays <= 1 occur, so it is stable for
-    any dt (no exp of positive cumulative sums). The state entering the chunk is then added with the
-    cumulative decay, h_t = b_t + a_t h_in, and only the chunk-final state is carried sequentially.
-    Cost: O(L log T) elementwise work, L / T sequential steps.
+    The sequence is cut into chunks of T = chunk_size positions; the chunks are processed in order, carrying
+    the state. Inside a chunk all per-step decays a_t = exp(dt_t A) and inputs b_t = dt_t Bs_t x_t are formed
+    at once (time-major (T, B, E, N)), the incoming state is folded into the first input
+    (b_0 += a_0 h_in), and the recurrence is solved for all T positions with `_linear_scan`. The outputs
+    y_t = Cs_t . h_t of the chunk are contracted right away, so only one chunk of states is alive at a time
+    (without autograd). Cost: O(L) elementwise work in L / T sequential chunk steps instead of L steps.
     """
     Bsz, E, L = u.shape
     h = u.new_zeros(Bsz, E, A.shape[1]) if h0 is None else h0  # (B, E, N)
+    dt_t = delta.permute(2, 0, 1)  # (L, B, E) time-major
+    dtu_t = (delta * u).permute(2, 0, 1)  # (L, B, E)
+    B_t, C_t = B.permute(2, 0, 1), C.permute(2, 0, 1)  # (L, B, N)
     ys = []
     for c0 in range(0, L, chunk_size):
         c1 = min(c0 + chunk_size, L)
-        dt = delta[:, :, c0:c1]  # (B, E, T)
-        a = torch.exp(dt[:, :, None, :] * A[None, :, :, None])  # (B, E, N, T) per-step decay
-        b = (dt * u[:, :, c0:c1])[:, :, None, :] * B[:, None, :, c0:c1]  # (B, E, N, T) per-step input
-        k, T = 1, c1 - c0
-        while k < T:
-            b = torch.cat([b[..., :k], b[..., k:] + a[..., k:] * b[..., :-k]], dim=-1)
-            a = torch.cat([a[..., :k], a[..., k:] * a[..., :-k]], dim=-1)
-            k *= 2
-        hs = b + a * h[..., None]  # (B, E, N, T): states of the chunk
-        ys.append(torch.einsum("bent,bnt->bet", hs, C[:, :, c0:c1]))  # (B, E, T)
-        h = hs[..., -1]
+        a = torch.exp(dt_t[c0:c1, :, :, None] * A)  # (T, B, E, N) per-step decay
+        b = dtu_t[c0:c1, :, :, None] * B_t[c0:c1, :, None, :]  # (T, B, E, N) per-step input
+        b = torch.cat([torch.addcmul(b[:1], a[:1], h[None]), b[1:]], dim=0)  # fold in the incoming state
+        hs = _linear_scan(a, b)  # (T, B, E, N)
+        ys.append(torch.einsum("tben,tbn->bet", hs, C_t[c0:c1]))  # (B, E, T)
+        h = hs[-1]
     y = torch.cat(ys, dim=-1) if ys else u.new_zeros(Bsz, E, 0)  # (B, E, L)
     return _scan_output(y, u, D, z), h
 
@@ -139,7 +161,8 @@ class Mamba(SSMBase):
         dt_rank: R, "auto" = ceil(D / 16).  dt_min, dt_max: range of the log-uniform dt initialisation.
         dt_init, dt_scale, dt_init_floor: dt_proj initialisation as in mamba_ssm ("random" | "constant").
         conv_bias, bias: biases of the depthwise conv and of in/out projections.
-        lr: optional learning rate of A_log (0.0 freezes it); A_log and D get `_optim` weight_decay 0.
+        lr: optional learning rate of A_log and D: they get `_optim = {"weight_decay": 0.0[, "lr": lr]}`;
+            lr = 0.0 freezes them (buffers).
         use_fast_path: use mamba_ssm / causal_conv1d kernels on CUDA when installed.
         scan: "chunked" (default) or "ref" (sequential loop) for the pure-PyTorch path.
         chunk_size: T of the chunked scan.
@@ -149,7 +172,7 @@ class Mamba(SSMBase):
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0,
                  dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
                  lr: Optional[float] = None, use_fast_path: bool = True, scan: str = "chunked",
-                 chunk_size: int = 32):
+                 chunk_size: int = 16):
         super().__init__()
         if scan not in ("chunked", "ref"):
             raise ValueError(f"scan must be 'chunked' or 'ref', got {scan!r}")
@@ -180,7 +203,7 @@ class Mamba(SSMBase):
 
         A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(E, 1)  # (E, N): S4D-Real
         self._register_ssm_param("A_log", torch.log(A), lr)  # A = -exp(A_log)
-        self._register_ssm_param("D", torch.ones(E), None)  # (E,) skip connection
+        self._register_ssm_param("D", torch.ones(E), lr)  # (E,) skip connection
 
     # ------------------------------------------------------------------ helpers
     def _fast_path_ok(self, x: torch.Tensor, state) -> bool:
@@ -219,8 +242,9 @@ class Mamba(SSMBase):
             w, b = self._conv_weight()
             A = -torch.exp(self.A_log.float())  # (E, N)
             D = self.D.float()
+            fast = self._fast_path_ok(x, state)
 
-            if self._fast_path_ok(x, state):
+            if fast:
                 xs = causal_conv1d_fn(xc.contiguous(), w.squeeze(1), b, activation="silu")  # (B, E, L)
                 seq = torch.cat([xc.new_zeros(Bsz, E, K - 1), xc], dim=-1)  # (B, E, K - 1 + L)
             else:
@@ -238,7 +262,7 @@ class Mamba(SSMBase):
                 dt = dt * valid[:, None, :].to(dt.dtype)  # dt = 0: identity step at padding
             Bs, Cs = Bs.transpose(1, 2).contiguous(), Cs.transpose(1, 2).contiguous()  # (B, N, L)
 
-            if self._fast_path_ok(x, state):
+            if fast:
                 y, h = selective_scan_fn(xs.contiguous(), dt.contiguous(), A, Bs, Cs, D, z=z.contiguous(),
                                          delta_bias=None, delta_softplus=False, return_last_state=True)
             elif self.scan == "ref":
@@ -261,7 +285,6 @@ class Mamba(SSMBase):
     # ------------------------------------------------------------------ recurrent form
     def step(self, x: torch.Tensor, state: State):
         """x (B, D), state (conv_state, ssm_state) -> (y (B, D), new_state). O(E (N + K)) per token."""
-        E = self.d_inner
         state_dtype = self._state_dtype(state)
         xz = self.in_proj(x)  # (B, 2E)
         with no_autocast(x.device.type):

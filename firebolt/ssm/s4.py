@@ -93,8 +93,8 @@ class S4Block(SSMBase):
         d_state: HiPPO size N (N // 2 complex modes). Must be even.
         dt_min, dt_max: range of the log-uniform initialisation of the per-channel step size dt.
         dropout: dropout after the GELU.
-        lr: optional learning rate of the dynamics (log_dt, Lambda, P, B); 0.0 freezes them (buffers).
-            They and D get `_optim = {"weight_decay": 0.0[, "lr": lr]}`.
+        lr: optional learning rate of the SSM parameters log_dt, Lambda (inv_A_real, A_imag), P, B and D:
+            they get `_optim = {"weight_decay": 0.0[, "lr": lr]}`; lr = 0.0 freezes them (buffers).
         l_max: accepted for compatibility with the state-spaces signature; unused, since the kernel is
             computed for the exact length of every call (C is learnt, C~_L derived per call).
 
@@ -119,7 +119,7 @@ class S4Block(SSMBase):
         self._register_ssm_param("B", torch.view_as_real(B.to(torch.cfloat)).repeat(H, 1, 1), lr)  # (H, N2, 2)
         C = torch.randn(H, N2, dtype=torch.cfloat)  # complex normal, E|C|^2 = 1
         self.C = nn.Parameter(torch.view_as_real(C).contiguous())  # (H, N2, 2)
-        self._register_ssm_param("D", torch.randn(H), None)  # (H,) skip connection
+        self._register_ssm_param("D", torch.randn(H), lr)  # (H,) skip connection
 
         self.activation = nn.GELU()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -271,6 +271,7 @@ class S4Block(SSMBase):
         tensors = (self.log_dt, self.inv_A_real, self.A_imag, self.P, self.B, self.C, self.D)
         cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in tensors))
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in tensors)
+        key = key + (torch.is_inference_mode_enabled(),)
         if cacheable and self._step_cache is not None and self._step_cache[0] == key:
             return self._step_cache[1]
         dt, Lam, P, B, C, D = self._ssm()

@@ -28,7 +28,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import SSMBase, State, fft_causal_conv, no_autocast, padding_mask, shift_right
@@ -42,8 +41,8 @@ class S4D(SSMBase):
         d_state: real state size N (N // 2 complex modes are kept). Must be even.
         dt_min, dt_max: range of the log-uniform initialisation of the per-channel step size dt.
         dropout: dropout after the GELU.
-        lr: optional learning rate for the dynamics parameters (log_dt, log_A_real, A_imag); 0.0 freezes
-            them (buffers). They and D get `_optim = {"weight_decay": 0.0[, "lr": lr]}`.
+        lr: optional learning rate of the SSM parameters log_dt, log_A_real, A_imag and D: they get
+            `_optim = {"weight_decay": 0.0[, "lr": lr]}`; lr = 0.0 freezes them (buffers).
 
     State: a 1-tuple `(x,)`, x (B, H, N2, 2) fp32 = the complex mode states as a real view.
     """
@@ -64,7 +63,7 @@ class S4D(SSMBase):
         self._register_ssm_param("A_imag", A_imag, lr)
         C = torch.randn(H, N2, dtype=torch.cfloat)  # complex normal, E|C|^2 = 1
         self.C = nn.Parameter(torch.view_as_real(C).contiguous())  # (H, N2, 2)
-        self._register_ssm_param("D", torch.randn(H), None)  # (H,) skip connection
+        self._register_ssm_param("D", torch.randn(H), lr)  # (H,) skip connection
 
         self.activation = nn.GELU()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -1,0 +1,206 @@
+"""`firebolt eval` / `firebolt score` and the evaluate() API on a tiny synthetic test split."""
+
+import json
+import shutil
+
+import pytest
+
+from firebolt.cli import main as cli_main
+from firebolt.eval import load_benchmark, score
+from firebolt.eval.runner import (PREDICTIONS_FILE, SCORES_FILE, evaluate, plan_batches, read_prediction_records)
+from firebolt.eval.score import read_predictions
+from firebolt.testing import truncated_jpeg
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from firebolt.data.synthetic import generate_synthetic
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    generate_synthetic(out, n_train=0, n_val=0, n_test=3, image_size=64, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from firebolt.hub import save_model_dir
+    from firebolt.presets import build_tiny
+
+    root = tmp_path_factory.mktemp("evalmodel")
+    model, processor = build_tiny(root / "work", init_std=0.5)
+    return save_model_dir(model, processor, root / "model")
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    from firebolt.hub import load_model_dir
+
+    return load_model_dir(model_dir)
+
+
+def eval_args(model_dir, data, out, *extra):
+    return ["eval", "--model", str(model_dir), "--benchmark", "synthetic", "--data", str(data), "--output", str(out),
+            "--batch-size", "4", "--max-new-tokens", "3", "--quiet", *extra]
+
+
+def lines_of(path):
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def test_interrupted_eval_resumes_to_the_same_scores(model_dir, synth, tmp_path, monkeypatch, capsys):
+    from firebolt.modeling import FireboltForConditionalGeneration
+
+    items = load_benchmark("synthetic", synth)
+    n_batches = -(-len(items) // 4)
+    assert n_batches >= 4
+    assert cli_main(eval_args(model_dir, synth, tmp_path / "ref")) == 0
+
+    real_generate = FireboltForConditionalGeneration.generate
+    calls = {"n": 0}
+
+    def interrupting(self, *args, **kwargs):  # Ctrl-C in the middle of the run
+        calls["n"] += 1
+        if calls["n"] > n_batches // 2:
+            raise KeyboardInterrupt
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(FireboltForConditionalGeneration, "generate", interrupting)
+    out = tmp_path / "run"
+    assert cli_main(eval_args(model_dir, synth, out)) == 130
+    partial = lines_of(out / PREDICTIONS_FILE)
+    assert len(partial) == 4 * (n_batches // 2) and not (out / SCORES_FILE).exists()
+    with open(out / PREDICTIONS_FILE, "a") as f:  # killed in the middle of writing a line
+        f.write('{"question_id": "test-0')
+    monkeypatch.setattr(FireboltForConditionalGeneration, "generate", real_generate)
+
+    capsys.readouterr()
+    assert cli_main(eval_args(model_dir, synth, out)) == 0
+    assert "== synthetic ==" in capsys.readouterr().out
+    assert (out / SCORES_FILE).read_bytes() == (tmp_path / "ref" / SCORES_FILE).read_bytes()
+    final = lines_of(out / PREDICTIONS_FILE)
+    qids = [r["question_id"] for r in final]
+    assert len(qids) == len(set(qids)) == len(items)
+    assert final[: len(partial)] == partial  # the done part was kept, not redone
+    ref = {r["question_id"]: r["answer"] for r in lines_of(tmp_path / "ref" / PREDICTIONS_FILE)}
+    assert {r["question_id"]: r["answer"] for r in final} == ref
+
+
+def test_score_command_reproduces_score(model_dir, synth, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(eval_args(model_dir, synth, out, "--limit", "12")) == 0
+    capsys.readouterr()
+    pred = out / PREDICTIONS_FILE
+    assert cli_main(["score", "--benchmark", "synthetic", "--data", str(synth), "--predictions", str(pred),
+                     "--limit", "12"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    items = load_benchmark("synthetic", synth, limit=12)
+    assert printed == score("synthetic", items, read_predictions(pred))
+    saved = json.loads((out / SCORES_FILE).read_text())
+    assert saved.pop("n_errors") == 0
+    assert printed == saved
+
+
+def test_eval_synthetic_writes_per_family_scores(model_dir, synth, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(eval_args(model_dir, synth, out, "--split", "test")) == 0
+    table = capsys.readouterr().out
+    items = load_benchmark("synthetic", synth, split="test")
+    preds = lines_of(out / PREDICTIONS_FILE)
+    assert sorted(r["question_id"] for r in preds) == sorted(it.question_id for it in items)
+    scores = json.loads((out / SCORES_FILE).read_text())
+    assert scores["n"] == len(items) and scores["n_missing"] == 0 and scores["n_errors"] == 0
+    expected = {}
+    for it in items:
+        expected.setdefault(it.meta["family"], set()).add(it.meta["scorer"])
+    assert set(scores["families"]) == set(expected)  # one scorer per family: reported under the family name
+    for fam, fam_scores in scores["families"].items():
+        assert {fam_scores["scorer"]} == expected[fam]
+        assert ("f1" in fam_scores) == (fam_scores["scorer"] == "pope")
+        assert fam in table
+    assert {"vqa", "pope", "letter"} <= {s for v in expected.values() for s in v}
+
+
+@pytest.mark.parametrize("case", ["data", "predictions"])
+def test_missing_file_is_a_one_line_error(model_dir, synth, tmp_path, capsys, case):
+    missing = tmp_path / "no_such_data"
+    if case == "data":
+        rc = cli_main(eval_args(model_dir, missing, tmp_path / "out"))
+    else:
+        missing = tmp_path / "no_such_predictions.jsonl"
+        rc = cli_main(["score", "--benchmark", "synthetic", "--data", str(synth), "--predictions", str(missing)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("error:") and str(missing) in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_image_is_recorded_not_fatal(loaded, synth, tmp_path):
+    model, processor = loaded
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    items = load_benchmark("synthetic", data, limit=10)
+    bad = items[0].image.path
+    with open(bad, "wb") as f:
+        f.write(truncated_jpeg())
+    n_bad = sum(it.image.path == bad for it in items)
+    result = evaluate(model, processor, "synthetic", data, tmp_path / "out", limit=10, batch_size=4, max_new_tokens=2,
+                      progress=False)
+    assert result["n_errors"] == n_bad and result["n"] == 10
+    assert json.loads((tmp_path / "out" / SCORES_FILE).read_text()) == result
+    recs = {r["question_id"]: r for r in lines_of(tmp_path / "out" / PREDICTIONS_FILE)}
+    assert len(recs) == 10
+    for it in items:
+        rec = recs[it.question_id]
+        if it.image.path == bad:
+            assert rec["answer"] == "" and "corrupt" in rec["error"]
+        else:
+            assert "error" not in rec
+    # a finished run resumes to a no-op with the same scores
+    again = evaluate(model, processor, "synthetic", data, tmp_path / "out", limit=10, batch_size=4, max_new_tokens=2,
+                     progress=False)
+    assert again == result and len(lines_of(tmp_path / "out" / PREDICTIONS_FILE)) == 10
+
+
+def test_answers_match_direct_generation(loaded, synth, tmp_path):
+    model, processor = loaded
+    items = load_benchmark("synthetic", synth, limit=3)
+    evaluate(model, processor, "synthetic", synth, tmp_path, limit=3, batch_size=1, max_new_tokens=4, progress=False)
+    got = {r["question_id"]: r["answer"] for r in lines_of(tmp_path / PREDICTIONS_FILE)}
+    for it in items:
+        image = it.load_image()
+        inputs = processor(processor.build_prompt(it.prompt, with_image=True), images=image)
+        out = model.generate(**inputs, max_new_tokens=4)
+        assert got[it.question_id] == processor.decode(out[0, inputs["input_ids"].shape[1]:]).strip()
+
+
+def test_resume_refuses_another_run(loaded, synth, tmp_path):
+    model, processor = loaded
+    evaluate(model, processor, "synthetic", synth, tmp_path, limit=2, batch_size=2, max_new_tokens=2, progress=False)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        evaluate(model, processor, "synthetic", synth, tmp_path, limit=2, max_new_tokens=3, progress=False)
+    res = evaluate(model, processor, "synthetic", synth, tmp_path, limit=2, max_new_tokens=3, overwrite=True,
+                   progress=False)
+    assert res["n"] == 2 and len(lines_of(tmp_path / PREDICTIONS_FILE)) == 2
+
+
+def test_prediction_records_tolerate_a_cut_last_line(tmp_path):
+    p = tmp_path / "p.jsonl"
+    good = '{"question_id": 1, "answer": "a"}\n{"question_id": "2", "answer": "b", "error": "x"}\n'
+    p.write_text(good + '{"question_id": 3, "ans')
+    recs, valid, needs_nl = read_prediction_records(p)
+    assert set(recs) == {"1", "2"} and valid == len(good.encode()) and not needs_nl
+    p.write_text(good.rstrip("\n"))
+    recs, valid, needs_nl = read_prediction_records(p)
+    assert set(recs) == {"1", "2"} and needs_nl
+    p.write_text('{"question_id": 1, "answer": "a"}\nnot json\n{"question_id": 3, "answer": "c"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2"):
+        read_prediction_records(p)
+
+
+def test_plan_batches_is_deterministic_and_complete():
+    lengths = [5, 9, 1, 9, 3, 7, 2, 8, 6, 4]
+    plan = plan_batches(lengths, batch_size=3, window=6)
+    assert plan == plan_batches(list(lengths), batch_size=3, window=6)
+    assert sorted(i for b in plan for i in b) == list(range(10))
+    assert plan[:2] == [[1, 3, 5], [0, 4, 2]]  # window 0..5 sorted longest first, ties by position
+    assert plan_batches(lengths, 4, window=1) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

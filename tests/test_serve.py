@@ -1,0 +1,464 @@
+"""The OpenAI-compatible server: answers equal `generate`, streaming, limits and bad input (4xx, server keeps going),
+concurrency, batching, auth, remote images; and `firebolt serve` from the command line.
+
+Servers run on free loopback ports (uvicorn in a background thread); clients are httpx and, where installed, openai."""
+
+import asyncio
+import base64
+import functools
+import http.server
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from firebolt.serve.app import ServerConfig, start_server
+from firebolt.serve.engine import Engine, Event, Job, SamplingParams
+from firebolt.testing import png_bytes, png_with_header_size
+
+PROMPT = "What color is the circle?"
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def user(text: str, image_url: str | None = None) -> list[dict]:
+    parts = ([{"type": "image_url", "image_url": {"url": image_url}}] if image_url else []) + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": parts}]
+
+
+def reference(model, processor, text: str, image=None, max_tokens=12, temperature=0.0, top_p=1.0, seed=None, stop=()):
+    """What `model.generate` answers for the same chat turn: (text, finish_reason, completion_tokens)."""
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
+    enc = processor(processor.chat_prompt([{"role": "user", "content": content}]), images=image)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+                         top_p=top_p, generator=gen)
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    eos = model.config.text_config.eos_token_id
+    finish, n = "length", len(new)
+    if eos in new:
+        new, finish, n = new[: new.index(eos)], "stop", new.index(eos) + 1
+    answer = processor.decode(new)
+    hits = [answer.find(s) for s in stop if s in answer]
+    if hits:
+        answer, finish = answer[: min(hits)], "stop"
+    return answer, finish, n
+
+
+def client(url: str, **kw) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=120, trust_env=False, **kw)
+
+
+def read_stream(response) -> tuple[str, str | None, list[dict]]:
+    """SSE lines -> (content, finish_reason, chunks)."""
+    chunks, text, finish = [], "", None
+    for line in response.iter_lines():
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        if line == "data: [DONE]":
+            break
+        chunk = json.loads(line[6:])
+        chunks.append(chunk)
+        for choice in chunk.get("choices", []):
+            text += choice["delta"].get("content") or ""
+            finish = choice["finish_reason"] or finish
+    return text, finish, chunks
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, red_image):
+    allowed = tmp_path_factory.mktemp("allowed")
+    outside = tmp_path_factory.mktemp("outside")
+    red_image.save(allowed / "red.png")
+    red_image.save(outside / "secret.png")
+    return {"allowed": allowed, "outside": outside, "red": red_image}
+
+
+@pytest.fixture(scope="module")
+def red_image():  # module scope for the fixtures below
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", (96, 80), (240, 240, 240))
+    ImageDraw.Draw(img).ellipse((10, 10, 30, 30), fill=(220, 20, 20))
+    return img
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_factory):
+    return tiny_factory()
+
+
+@pytest.fixture(scope="module")
+def server(tiny, images):
+    model, processor = tiny
+    config = ServerConfig(model_name="tiny", allowed_dir=str(images["allowed"]), max_prompt_tokens=128,
+                          max_tokens_limit=400, max_body_bytes=256 * 1024, max_queue=64, max_batch_size=8)
+    srv = start_server(model, processor, config)
+    yield srv
+    srv.stop()
+
+
+def test_models_and_health(server):
+    with client(server.url) as c:
+        assert c.get("/health").json()["status"] == "ok"
+        models = c.get("/v1/models").json()
+        assert [m["id"] for m in models["data"]] == ["tiny"]
+        assert c.get("/v1/models/tiny").json()["id"] == "tiny"
+        r = c.get("/v1/models/other")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+CASES = {
+    "greedy_image": dict(image=True, temperature=0.0, seed=None),
+    "sampled_image_seed": dict(image=True, temperature=0.9, top_p=0.8, seed=7),
+    "sampled_text_seed": dict(image=False, temperature=1.2, seed=3),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_plain_and_stream_equal_generate(server, tiny, images, case):
+    model, processor = tiny
+    spec = dict(CASES[case])
+    image = images["red"] if spec.pop("image") else None
+    expected, finish, n = reference(model, processor, PROMPT, image, max_tokens=12, **spec)
+    body = {"model": "tiny", "messages": user(PROMPT, data_url(png_bytes(image)) if image else None),
+            "max_tokens": 12, "temperature": spec["temperature"]}
+    body.update({k: spec[k] for k in ("top_p", "seed") if spec.get(k) is not None})
+    with client(server.url) as c:
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["object"] == "chat.completion"
+        assert out["choices"][0]["message"] == {"role": "assistant", "content": expected}
+        assert out["choices"][0]["finish_reason"] == finish
+        assert out["usage"]["completion_tokens"] == n
+        assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + n
+        with c.stream("POST", "/v1/chat/completions",
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
+            assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+            text, stream_finish, chunks = read_stream(s)
+    assert text == expected and stream_finish == finish
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["usage"]["completion_tokens"] == n
+
+
+def test_openai_client(server, tiny, images):
+    openai = pytest.importorskip("openai")
+    model, processor = tiny
+    expected, finish, _ = reference(model, processor, PROMPT, images["red"], max_tokens=10, temperature=0.7, seed=11)
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    messages = user(PROMPT, data_url(png_bytes(images["red"])))
+    out = api.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0.7, seed=11)
+    assert out.choices[0].message.content == expected and out.choices[0].finish_reason == finish
+    stream = api.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0.7, seed=11,
+                                         stream=True)
+    pieces = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
+    assert "".join(pieces) == expected
+    assert [m.id for m in api.models.list().data] == ["tiny"]
+
+
+def test_stop_strings(server, tiny, images):
+    model, processor = tiny
+    full, _, _ = reference(model, processor, PROMPT, images["red"], max_tokens=16)
+    stop = full[5:8]
+    assert len(stop) == 3
+    expected, finish, _ = reference(model, processor, PROMPT, images["red"], max_tokens=16, stop=(stop,))
+    assert finish == "stop" and expected == full[: full.find(stop)]
+    body = {"messages": user(PROMPT, data_url(png_bytes(images["red"]))), "max_tokens": 16, "temperature": 0,
+            "stop": [stop, "\u2603never"]}
+    with client(server.url) as c:
+        out = c.post("/v1/chat/completions", json=body).json()
+        assert out["choices"][0]["message"]["content"] == expected
+        assert out["choices"][0]["finish_reason"] == "stop"
+        with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+            text, stream_finish, _ = read_stream(s)
+    assert text == expected and stream_finish == "stop"
+
+
+def test_local_image_paths(server, tiny, images):
+    model, processor = tiny
+    expected, _, _ = reference(model, processor, PROMPT, images["red"], max_tokens=8)
+    path = images["allowed"] / "red.png"
+    with client(server.url) as c:
+        for url in (path.as_uri(), str(path), "red.png"):
+            r = c.post("/v1/chat/completions", json={"messages": user(PROMPT, url), "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == expected
+
+
+def _big_prompt() -> str:
+    return "what color is the shape " * 60
+
+
+BAD = {
+    "not_json": (b"{not json", 400, "invalid_json"),
+    "messages_not_list": ({"messages": "hi"}, 422, None),
+    "max_tokens_string": ({"messages": user("hi"), "max_tokens": "lots"}, 422, None),
+    "temperature_bool": ({"messages": user("hi"), "temperature": True}, 422, None),
+    "unknown_part": ({"messages": [{"role": "user", "content": [{"type": "input_audio", "x": 1}]}]}, 422, None),
+    "bad_role": ({"messages": [{"role": "robot", "content": "hi"}]}, 422, None),
+    "top_level_list": ([1, 2], 422, None),
+    "empty_messages": ({"messages": []}, 400, "empty_messages"),
+    "empty_content": ({"messages": [{"role": "user", "content": "  "}]}, 400, "empty_messages"),
+    "corrupt_base64": ({"messages": user("hi", "data:image/png;base64,iVBORw0K!!!")}, 400, "invalid_image"),
+    "not_an_image": ({"messages": user("hi", data_url(b"just some text, not a picture"))}, 400, "invalid_image"),
+    "huge_png_header": ({"messages": user("hi", data_url(png_with_header_size(20000, 20000)))}, 400, "image_too_large"),
+    "two_images": ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes(Image.new("RGB", (4, 4))))}},
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes(Image.new("RGB", (4, 4))))}}]}]},
+        400, "too_many_images"),
+    "long_prompt": ({"messages": user(_big_prompt())}, 400, "context_length_exceeded"),
+    "max_tokens_over_limit": ({"messages": user("hi"), "max_tokens": 100000}, 400, "max_tokens_too_large"),
+    "n_2": ({"messages": user("hi"), "n": 2}, 400, "unsupported_parameter"),
+    "wrong_model": ({"model": "gpt-4o", "messages": user("hi")}, 404, "model_not_found"),
+    "path_outside": ("OUTSIDE", 400, "image_path_not_allowed"),
+    "path_traversal": ("TRAVERSAL", 400, "image_path_not_allowed"),
+    "remote_url": ({"messages": user("hi", "http://127.0.0.1:9/cat.png")}, 400, "remote_images_disabled"),
+    "body_too_large": ({"messages": user("x" * 300_000)}, 413, "request_too_large"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_gets_4xx_and_server_lives(server, images, case):
+    body, status, code = BAD[case]
+    if body == "OUTSIDE":
+        body = {"messages": user("hi", str(images["outside"] / "secret.png"))}
+    elif body == "TRAVERSAL":
+        body = {"messages": user("hi", f"../{images['outside'].name}/secret.png")}
+    with client(server.url) as c:
+        if isinstance(body, bytes):
+            r = c.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        else:
+            r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        if code is not None:
+            assert err["code"] == code, err
+        assert c.get("/health").json()["status"] == "ok"
+        ok = c.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2, "temperature": 0})
+        assert ok.status_code == 200
+
+
+def test_unknown_route_and_method(server):
+    with client(server.url) as c:
+        r = c.get("/v1/nothing")
+        assert r.status_code == 404 and "error" in r.json()
+        r = c.get("/v1/chat/completions")
+        assert r.status_code == 405 and "error" in r.json()
+
+
+def test_health_answers_during_long_generation(server):
+    body = {"messages": user("hello"), "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+    with client(server.url) as c, client(server.url) as probe:
+        with c.stream("POST", "/v1/chat/completions", json=body) as s:
+            lines = s.iter_lines()
+            next(line for line in lines if '"content": "' in line and '"role"' not in line)  # decoding has begun
+            health = probe.get("/health")
+            assert health.status_code == 200
+            assert health.json()["running"] == 1  # answered while the generation was still decoding
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_client_disconnect_stops_decoding(server):
+    with client(server.url) as c:
+        before = c.get("/health").json()["tokens"]
+        body = {"messages": user("hello"), "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+        with c.stream("POST", "/v1/chat/completions", json=body) as s:
+            for line in s.iter_lines():
+                if '"content": "' in line and '"role"' not in line:
+                    break  # a few tokens in: hang up
+        r = c.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200
+        assert c.get("/health").json()["tokens"] - before < 400  # the cancelled row stopped early
+
+
+def test_32_concurrent_clients(server, tiny, images):
+    model, processor = tiny
+    prompts = [(PROMPT, images["red"]), ("how many shapes", None), ("is there a red circle", images["red"]),
+               ("describe the picture", None)]
+    expected = [reference(model, processor, p, img, max_tokens=8)[0] for p, img in prompts]
+
+    async def one(c, i):
+        text, img = prompts[i % len(prompts)]
+        body = {"messages": user(text, data_url(png_bytes(img)) if img else None), "max_tokens": 8, "temperature": 0}
+        r = await c.post("/v1/chat/completions", json=body)
+        return i, r.status_code, r.json()
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300, trust_env=False,
+                                     limits=httpx.Limits(max_connections=64)) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(32)))
+
+    start = time.perf_counter()
+    results = asyncio.run(main())
+    elapsed = time.perf_counter() - start
+    assert all(status == 200 for _, status, _ in results)
+    for i, _, out in results:  # batched greedy rows equal the same request run alone
+        assert out["choices"][0]["message"]["content"] == expected[i % len(prompts)]
+    print(f"32 concurrent clients: {32 / elapsed:.1f} requests/s")
+
+
+def test_engine_batches_mixed_rows(tiny, red_image):
+    """Jobs waiting together share one left-padded batch (image and text-only rows, different max_tokens) and each
+    row equals the request run alone."""
+    model, processor = tiny
+    engine = Engine(model, processor, max_batch_size=8, batch_wait_s=0.0).start()
+    done = threading.Event()
+    results: dict[int, list[Event]] = {}
+
+    def sink_for(i, last):
+        def sink(ev):
+            results.setdefault(i, []).append(ev)
+            if ev.kind != "delta" and last:
+                done.set()
+        return sink
+
+    try:
+        blocker = processor(processor.build_prompt("hello", False))["input_ids"][0].tolist()
+        # a sampled job first (a batch key of its own): whenever the engine wakes, the greedy jobs form the next batch
+        engine.submit(Job(blocker, None, SamplingParams(max_tokens=50, temperature=1.0, ignore_eos=True),
+                          sink_for(-1, False)))
+        specs = [("What color is the circle?", red_image, 6), ("how many shapes", None, 9),
+                 ("is there a red circle in the picture", red_image, 4)]
+        for i, (text, img, n) in enumerate(specs):
+            enc = processor(processor.build_prompt(text, img is not None), images=img)
+            pix = enc["pixel_values"][0] if img is not None else None
+            engine.submit(Job(enc["input_ids"][0].tolist(), pix, SamplingParams(max_tokens=n), sink_for(i, i == 2)))
+        assert done.wait(120)
+        time.sleep(0.2)
+    finally:
+        engine.stop()
+    assert engine.stats["batches"] == 2 and engine.stats["rows"] == 4
+    for i, (text, img, n) in enumerate(specs):
+        expected, finish, count = reference(model, processor, text, img, max_tokens=n)
+        events = results[i]
+        assert "".join(e.text for e in events if e.kind == "delta") == expected
+        assert events[-1].kind == "done" and events[-1].finish_reason == finish
+        assert events[-1].completion_tokens == count
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host(images):
+    """A loopback HTTP server holding red.png (for the remote-image path)."""
+    handler = functools.partial(_Quiet, directory=str(images["allowed"]))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tiny):
+    """API key, remote images allowed, a queue of 1 and batches of 1 (for 401 and 429)."""
+    model, processor = tiny
+    config = ServerConfig(model_name="tiny", api_key="sekret", allow_remote_images=True, max_image_bytes=100_000,
+                          max_queue=1, max_batch_size=1, max_tokens_limit=400)
+    srv = start_server(model, processor, config)
+    yield srv
+    srv.stop()
+
+
+def test_api_key(guarded_server):
+    with client(guarded_server.url) as c:
+        assert c.get("/health").status_code == 200  # probes need no key
+        r = c.get("/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+        r = c.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = c.post("/v1/chat/completions", json={"messages": user("hi")})
+        assert r.status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+
+
+def test_remote_images_when_allowed(guarded_server, image_host, tiny, images):
+    model, processor = tiny
+    expected, _, _ = reference(model, processor, PROMPT, images["red"], max_tokens=6)
+    auth = {"Authorization": "Bearer sekret"}
+    with client(guarded_server.url, headers=auth) as c:
+        r = c.post("/v1/chat/completions", json={"messages": user(PROMPT, f"{image_host}/red.png"), "max_tokens": 6,
+                                                  "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == expected
+        r = c.post("/v1/chat/completions", json={"messages": user(PROMPT, f"{image_host}/missing.png")})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "image_fetch_failed"
+        r = c.post("/v1/chat/completions", json={"messages": user(PROMPT, "http://127.0.0.1:9/closed.png")})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "image_fetch_failed"
+
+
+def test_queue_full_gets_429(guarded_server):
+    auth = {"Authorization": "Bearer sekret"}
+    long = {"messages": user("hello"), "max_tokens": 250, "temperature": 0, "ignore_eos": True, "stream": True}
+    with client(guarded_server.url, headers=auth) as c:
+        with c.stream("POST", "/v1/chat/completions", json=long) as s:
+            lines = s.iter_lines()
+            next(line for line in lines if '"content": "' in line and '"role"' not in line)  # decoding now
+
+            def quick(_):
+                with client(guarded_server.url, headers=auth) as q:
+                    return q.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2}).status_code
+
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(4) as pool:
+                statuses = list(pool.map(quick, range(4)))
+            for _ in lines:
+                pass
+        assert 429 in statuses and 200 in statuses, statuses
+        r = c.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2})
+        assert r.status_code == 200  # the queue drains and the server goes on
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command(tiny, tmp_path):
+    from firebolt.hub import save_model_dir
+
+    model, processor = tiny
+    save_model_dir(model, processor, tmp_path / "model")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "firebolt.cli", "serve", "--model", str(tmp_path / "model"),
+                             "--port", str(port), "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if httpx.get(url + "/health", trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.3)
+        with client(url) as c:
+            assert c.get("/v1/models").json()["data"][0]["id"] == "model"
+            r = c.post("/v1/chat/completions", json={"model": "model", "messages": user("hi"), "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(30)
