@@ -14,8 +14,10 @@ import sys
 # command -> (module, function, help). The module defines `function(**kwargs)` and `add_<function>_arguments(parser)`;
 # heavy imports live inside the functions, so building the parser stays cheap.
 COMMANDS = {
+    "demo": ("firebolt.demo.cli", "demo", "offline end-to-end demo: synthetic data, tiny pretraining, two stages, evaluation"),
     "build": ("firebolt.commands", "build", "assemble a Firebolt-VL model from a vision and a language checkpoint"),
     "generate": ("firebolt.commands", "generate", "answer a prompt about an image"),
+    "bench": ("firebolt.bench", "bench", "benchmark Firebolt-VL against its peers (TTFT, decode tok/s, memory, bandwidth bound)"),
     "train": ("firebolt.train.cli", "train", "train through the stages of a recipe (single process, torchrun or accelerate)"),
     "serve": ("firebolt.serve.cli", "serve", "serve the model over an OpenAI-compatible HTTP API"),
     "chat": ("firebolt.serve.cli", "chat", "chat with the model about an image in the terminal"),

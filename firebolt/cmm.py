@@ -35,9 +35,13 @@ class GridMemory:
     keys: torch.Tensor  # (B, H, G, Dh)
     values: torch.Tensor  # (B, G, D)
     present: torch.Tensor  # (B,) bool: rows without an image get a zero visual context
+    # decoding only, filled lazily by CrossModalModulator.step: (film_in(V), film_out(V)), (B, G, 2D) each
+    film_tables: tuple | None = None
+    film_key: tuple | None = None  # versions of the FiLM weights the tables were computed from
 
     def index_select(self, idx: torch.Tensor) -> "GridMemory":
-        return GridMemory(self.keys[idx], self.values[idx], self.present[idx])
+        tables = None if self.film_tables is None else tuple(t[idx] for t in self.film_tables)
+        return GridMemory(self.keys[idx], self.values[idx], self.present[idx], tables, self.film_key)
 
 
 def film(x: torch.Tensor, gamma_beta: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -136,11 +140,35 @@ class CrossModalModulator(nn.Module):
         out = self.norm_out(h + self.ffn(h))  # Eq. 13
         return (out, state, weights) if return_weights else (out, state)
 
+    def film_tables(self, memory: GridMemory) -> tuple[torch.Tensor, torch.Tensor]:
+        """(film_in(V'), film_out(V')), (B, G, 2D) each, V' the grid values zeroed for rows without an image; cached on
+        `memory` (recomputed if the FiLM weights change).
+
+        A token's correlation weights sum to one over the grids (softmax, then a mean over heads; no dropout at
+        inference), so film(c) = W (sum_g w_g v_g) + b = sum_g w_g (W v_g + b): during decoding a token's FiLM
+        parameters are a G-term weighted sum of these rows instead of two (D x 2D) matrix-vector products (which
+        would read 2 x 2 D^2 weights per token). Rows without an image: V' = 0, every row of the table is b = film(0).
+        """
+        key = tuple((p.data_ptr(), p._version) for p in (*self.film_in.parameters(), *self.film_out.parameters()))
+        if memory.film_tables is None or memory.film_key != key:
+            v = memory.values * memory.present.view(-1, 1, 1).to(memory.values.dtype)  # (B, G, D)
+            memory.film_tables = (self.film_in(v), self.film_out(v))
+            memory.film_key = key
+        return memory.film_tables
+
     def step(self, x_t: torch.Tensor, memory: GridMemory | None, state):
-        """One new token per row: x_t (B, D) -> (X_out (B, D), new state). Same maths as `forward`."""
-        c, _ = self.context(x_t.unsqueeze(1), memory)
-        c = c.squeeze(1)  # (B, D)
-        x_f = film(self.norm_in(x_t), self.film_in(c), self.gate)
+        """One new token per row: x_t (B, D) -> (X_out (B, D), new state). Same maths as `forward`.
+
+        At inference (eval mode, no grad) the FiLM projections come from the per-image `film_tables`."""
+        if memory is not None and not self.training and not torch.is_grad_enabled():
+            w = self.correlation(x_t.unsqueeze(1), memory).mean(dim=1)  # (B, 1, G), sums to 1 over G
+            t_in, t_out = self.film_tables(memory)
+            gb_in, gb_out = (w @ t_in).squeeze(1), (w @ t_out).squeeze(1)  # (B, 2D) each
+        else:
+            c, _ = self.context(x_t.unsqueeze(1), memory)
+            c = c.squeeze(1)  # (B, D)
+            gb_in, gb_out = self.film_in(c), self.film_out(c)
+        x_f = film(self.norm_in(x_t), gb_in, self.gate)
         y, state = self.ssm.step(x_f, state)
-        h = x_t + film(y, self.film_out(c), self.gate)
+        h = x_t + film(y, gb_out, self.gate)
         return self.norm_out(h + self.ffn(h)), state

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from firebolt.serve.chat import ChatSession, run_chat
@@ -102,6 +101,12 @@ def test_chat_command_with_piped_input(tiny_factory, red_image, tmp_path, blue_p
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("assistant> ") == 2
     assert f"(image: {blue_path}; new conversation)" in r.stdout
-    missing = subprocess.run([sys.executable, "-m", "firebolt.cli", "chat", "--model", str(tmp_path / "model"),
-                              "--image", str(tmp_path / "nope.png")], capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2 and "image file not found" in missing.stderr
+
+
+def test_chat_command_errors(tmp_path, capsys):
+    from firebolt.cli import main
+
+    assert main(["chat", "--model", str(tmp_path), "--image", str(tmp_path / "nope.png")]) == 2
+    assert "image file not found" in capsys.readouterr().err
+    assert main(["chat", "--model", str(tmp_path / "no_model")]) == 2
+    assert "model directory not found" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from firebolt.cli import main as cli_main
 from firebolt.eval import load_benchmark, score
@@ -22,13 +23,11 @@ def synth(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tiny_factory, tmp_path_factory):
     from firebolt.hub import save_model_dir
-    from firebolt.presets import build_tiny
 
-    root = tmp_path_factory.mktemp("evalmodel")
-    model, processor = build_tiny(root / "work", init_std=0.5)
-    return save_model_dir(model, processor, root / "model")
+    model, processor = tiny_factory()
+    return save_model_dir(model, processor, tmp_path_factory.mktemp("evalmodel") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +35,19 @@ def loaded(model_dir):
     from firebolt.hub import load_model_dir
 
     return load_model_dir(model_dir)
+
+
+@pytest.fixture(scope="module")
+def ref_run(model_dir, synth, tmp_path_factory):
+    """An uninterrupted `firebolt eval` of the whole test split: (output folder, printed text)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("ref") / "run"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli_main(eval_args(model_dir, synth, out, "--split", "test")) == 0
+    return out, buf.getvalue()
 
 
 def eval_args(model_dir, data, out, *extra):
@@ -47,13 +59,13 @@ def lines_of(path):
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def test_interrupted_eval_resumes_to_the_same_scores(model_dir, synth, tmp_path, monkeypatch, capsys):
+def test_interrupted_eval_resumes_to_the_same_scores(model_dir, synth, ref_run, tmp_path, monkeypatch, capsys):
     from firebolt.modeling import FireboltForConditionalGeneration
 
+    ref_dir = ref_run[0]
     items = load_benchmark("synthetic", synth)
     n_batches = -(-len(items) // 4)
     assert n_batches >= 4
-    assert cli_main(eval_args(model_dir, synth, tmp_path / "ref")) == 0
 
     real_generate = FireboltForConditionalGeneration.generate
     calls = {"n": 0}
@@ -76,34 +88,35 @@ def test_interrupted_eval_resumes_to_the_same_scores(model_dir, synth, tmp_path,
     capsys.readouterr()
     assert cli_main(eval_args(model_dir, synth, out)) == 0
     assert "== synthetic ==" in capsys.readouterr().out
-    assert (out / SCORES_FILE).read_bytes() == (tmp_path / "ref" / SCORES_FILE).read_bytes()
+    assert (out / SCORES_FILE).read_bytes() == (ref_dir / SCORES_FILE).read_bytes()
     final = lines_of(out / PREDICTIONS_FILE)
     qids = [r["question_id"] for r in final]
     assert len(qids) == len(set(qids)) == len(items)
     assert final[: len(partial)] == partial  # the done part was kept, not redone
-    ref = {r["question_id"]: r["answer"] for r in lines_of(tmp_path / "ref" / PREDICTIONS_FILE)}
+    ref = {r["question_id"]: r["answer"] for r in lines_of(ref_dir / PREDICTIONS_FILE)}
     assert {r["question_id"]: r["answer"] for r in final} == ref
 
 
-def test_score_command_reproduces_score(model_dir, synth, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert cli_main(eval_args(model_dir, synth, out, "--limit", "12")) == 0
-    capsys.readouterr()
+def test_score_command_reproduces_score(synth, ref_run, capsys):
+    out = ref_run[0]
     pred = out / PREDICTIONS_FILE
-    assert cli_main(["score", "--benchmark", "synthetic", "--data", str(synth), "--predictions", str(pred),
-                     "--limit", "12"]) == 0
+    assert cli_main(["score", "--benchmark", "synthetic", "--data", str(synth), "--predictions", str(pred)]) == 0
     printed = json.loads(capsys.readouterr().out)
-    items = load_benchmark("synthetic", synth, limit=12)
+    items = load_benchmark("synthetic", synth)
     assert printed == score("synthetic", items, read_predictions(pred))
     saved = json.loads((out / SCORES_FILE).read_text())
     assert saved.pop("n_errors") == 0
     assert printed == saved
+    # --limit scores the first items like score() on them
+    assert cli_main(["score", "--benchmark", "synthetic", "--data", str(synth), "--predictions", str(pred),
+                     "--limit", "5"]) == 0
+    partial = json.loads(capsys.readouterr().out)
+    assert partial.pop("n_unknown_predictions") == len(items) - 5  # predictions beyond the limit are counted
+    assert partial == score("synthetic", items[:5], read_predictions(pred))
 
 
-def test_eval_synthetic_writes_per_family_scores(model_dir, synth, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert cli_main(eval_args(model_dir, synth, out, "--split", "test")) == 0
-    table = capsys.readouterr().out
+def test_eval_synthetic_writes_per_family_scores(synth, ref_run):
+    out, table = ref_run
     items = load_benchmark("synthetic", synth, split="test")
     preds = lines_of(out / PREDICTIONS_FILE)
     assert sorted(r["question_id"] for r in preds) == sorted(it.question_id for it in items)
@@ -118,6 +131,7 @@ def test_eval_synthetic_writes_per_family_scores(model_dir, synth, tmp_path, cap
         assert ("f1" in fam_scores) == (fam_scores["scorer"] == "pope")
         assert fam in table
     assert {"vqa", "pope", "letter"} <= {s for v in expected.values() for s in v}
+    assert "== synthetic ==" in table
 
 
 @pytest.mark.parametrize("case", ["data", "predictions"])
@@ -161,6 +175,22 @@ def test_bad_image_is_recorded_not_fatal(loaded, synth, tmp_path):
     assert again == result and len(lines_of(tmp_path / "out" / PREDICTIONS_FILE)) == 10
 
 
+def test_prompt_over_the_token_limit_is_recorded(loaded, synth, tmp_path, monkeypatch):
+    model, processor = loaded
+    items = load_benchmark("synthetic", synth)
+    lengths = [processor(processor.build_prompt(it.prompt, True), images=it.load_image())["input_ids"].shape[1]
+               for it in items]
+    limit = sorted(lengths)[len(lengths) // 2]
+    assert min(lengths) <= limit < max(lengths)
+    monkeypatch.setattr(processor, "max_prompt_tokens", limit)
+    result = evaluate(model, processor, "synthetic", synth, tmp_path, batch_size=8, max_new_tokens=1, progress=False)
+    recs = {r["question_id"]: r for r in lines_of(tmp_path / PREDICTIONS_FILE)}
+    too_long = {it.question_id for it, n in zip(items, lengths) if n > limit}
+    assert {q for q, r in recs.items() if "error" in r} == too_long
+    assert all("over the limit" in recs[q]["error"] and recs[q]["answer"] == "" for q in too_long)
+    assert result["n_errors"] == len(too_long) and len(recs) == len(items)
+
+
 def test_answers_match_direct_generation(loaded, synth, tmp_path):
     model, processor = loaded
     items = load_benchmark("synthetic", synth, limit=3)
@@ -178,6 +208,16 @@ def test_resume_refuses_another_run(loaded, synth, tmp_path):
     evaluate(model, processor, "synthetic", synth, tmp_path, limit=2, batch_size=2, max_new_tokens=2, progress=False)
     with pytest.raises(ValueError, match="max_new_tokens"):
         evaluate(model, processor, "synthetic", synth, tmp_path, limit=2, max_new_tokens=3, progress=False)
+    param = next(model.parameters())
+    saved = param.detach().clone()
+    try:
+        with torch.no_grad():
+            param.add_(0.01)  # "trained further"
+        with pytest.raises(ValueError, match="another model's weights"):
+            evaluate(model, processor, "synthetic", synth, tmp_path, limit=2, max_new_tokens=2, progress=False)
+    finally:
+        with torch.no_grad():
+            param.copy_(saved)
     res = evaluate(model, processor, "synthetic", synth, tmp_path, limit=2, max_new_tokens=3, overwrite=True,
                    progress=False)
     assert res["n"] == 2 and len(lines_of(tmp_path / PREDICTIONS_FILE)) == 2

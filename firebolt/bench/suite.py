@@ -100,8 +100,7 @@ def bench_tokenizer():
     from ..presets import train_tiny_tokenizer
 
     tok = train_tiny_tokenizer()
-    extra = list(tok.additional_special_tokens) + [t for t in LFM2_VL_SPECIAL_TOKENS if t not in tok.get_vocab()]
-    tok.add_special_tokens({"additional_special_tokens": extra})
+    tok.add_tokens([t for t in LFM2_VL_SPECIAL_TOKENS if t not in tok.get_vocab()], special_tokens=True)
     return tok
 
 
@@ -162,6 +161,7 @@ class Variant:
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype):
         self.model, self.device, self.dtype = model, device, dtype
         self.notes: list[str] = []
+        self._buffers: dict = {}  # static caches / state buffers reused across runs (fixed addresses)
 
     # stages (timed by the runner)
     def prepare(self, batch: int) -> dict:
@@ -253,11 +253,16 @@ class FireboltVariant(Variant):
         return self.model.config.output_mode == "replace"
 
     def static_prefill(self, inp, fused, max_len: int):
-        from transformers import StaticCache
-
         embeds, memory, state = fused
         mask = inp["attention_mask"]
-        lm_cache = StaticCache(config=self.model.config.text_config, max_cache_len=max_len)
+        lm_cache = static_cache(self, self.model.config.text_config, mask.shape[0], max_len)
+        if state is not None:  # the SSM state lives in fixed buffers (static addresses for CUDA graphs)
+            key = ("ssm", mask.shape[0])
+            if key not in self._buffers:
+                self._buffers[key] = tuple(_static(torch.empty_like(t)) for t in state)
+            for buf, t in zip(self._buffers[key], state):
+                buf.copy_(t)
+            state = self._buffers[key]
         out = self.model.language_model(inputs_embeds=embeds, attention_mask=mask,
                                         position_ids=self.model._positions(mask), past_key_values=lm_cache,
                                         use_cache=True, logits_to_keep=1)
@@ -304,6 +309,26 @@ class FireboltVariant(Variant):
         return torch.empty((), dtype=self.dtype).element_size()
 
 
+def _static(t: torch.Tensor) -> torch.Tensor:
+    """Tag a buffer as living at a fixed address (lets torch.compile's CUDA graphs keep it in place)."""
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(t)
+    return t
+
+
+def static_cache(variant: "Variant", text_config, batch: int, max_len: int):
+    """A transformers StaticCache for (batch, max_len), created once per variant and reset for every run."""
+    from transformers import StaticCache
+
+    key = ("lm", batch, max_len)
+    cache = variant._buffers.get(key)
+    if cache is None:
+        cache = variant._buffers[key] = StaticCache(config=text_config, max_cache_len=max_len)
+    else:
+        cache.reset()
+    return cache
+
+
 @dataclass
 class _StaticState:
     lm_cache: object
@@ -314,7 +339,8 @@ class _StaticState:
 
 
 def _cmm_uses_film_tables(cmm) -> bool:
-    return bool(getattr(cmm, "use_film_tables", False))
+    """Whether decoding steps take FiLM parameters from per-image tables (CrossModalModulator.film_tables, eval)."""
+    return callable(getattr(cmm, "film_tables", None)) and not cmm.training
 
 
 def cmm_step_bytes(cmm: nn.Module) -> int:
@@ -471,10 +497,8 @@ class Lfm2VlVariant(Variant):
         return True
 
     def static_prefill(self, inp, embeds, max_len):
-        from transformers import StaticCache
-
         mask = inp["attention_mask"]
-        cache = StaticCache(config=self.model.config.text_config, max_cache_len=max_len)
+        cache = static_cache(self, self.model.config.text_config, mask.shape[0], max_len)
         out = self.model(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True,
                          logits_to_keep=1)
         return out.logits[:, -1], _StaticState(cache, mask, max_len)
@@ -551,10 +575,8 @@ class Lfm2Variant(Variant):
         return True
 
     def static_prefill(self, inp, fused, max_len):
-        from transformers import StaticCache
-
         mask = inp["attention_mask"]
-        cache = StaticCache(config=self.model.config, max_cache_len=max_len)
+        cache = static_cache(self, self.model.config, mask.shape[0], max_len)
         out = self.model(input_ids=inp["input_ids"], attention_mask=mask, past_key_values=cache, use_cache=True,
                          logits_to_keep=1)
         return out.logits[:, -1], _StaticState(cache, mask, max_len)

@@ -240,7 +240,7 @@ def pretrain_vision(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             seen += len(batch)
             step += 1
             bar.update(1)

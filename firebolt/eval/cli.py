@@ -20,7 +20,8 @@ def add_eval_command_arguments(p):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as saved)")
     p.add_argument("--output", required=True, help="folder for predictions.jsonl, scores.json and run.json")
-    p.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --output instead of resuming")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard earlier predictions in --output instead of resuming")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

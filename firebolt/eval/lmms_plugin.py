@@ -15,7 +15,7 @@ lmms-eval is optional: this module imports without it. The class :data:`Firebolt
 what to install. All the work is in :class:`FireboltLMMsAdapter`, which does not depend on lmms-eval.
 
 Model arguments (``--model_args key=value,...``): ``pretrained`` (model folder, required), ``device`` (auto / cpu /
-cuda[:N]), ``dtype`` (fp32 / bf16 / fp16 / float32 / bfloat16 / float16 / auto), ``batch_size``,
+cuda[:N]), ``dtype`` (fp32 / bf16 / fp16 / float32 / bfloat16 / float16 / auto), ``batch_size`` ("auto" = 8),
 ``max_new_tokens`` (default when a task gives none), ``use_cache``, ``seed`` (sampling only).
 
 Requests (simple-model interface):
@@ -39,15 +39,13 @@ that cannot be loaded gives the answer ``""`` (generate_until) and a warning.
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from typing import Any, List, Optional, Sequence, Tuple
-
-logger = logging.getLogger(__name__)
 
 MODEL_NAME = "firebolt"
 CLASS_PATH = f"{__name__}.Firebolt"
 DEFAULT_MAX_NEW_TOKENS = 128
+AUTO_BATCH_SIZE = 8  # used for batch_size=auto
 _INSTALL_HINT = "the lmms-eval plugin needs lmms-eval: pip install 'lmms-eval>=0.7'"
 
 
@@ -102,6 +100,8 @@ class FireboltLMMsAdapter:
         self._device = resolve_device(None if device in (None, "", "auto") else str(device))
         self._model, self._processor = load_model_dir(pretrained, self._device, torch_dtype)
         self.pretrained = pretrained
+        if isinstance(batch_size, str) and batch_size.startswith("auto"):  # lmms-eval's "auto[:N]": no search here
+            batch_size = AUTO_BATCH_SIZE
         self.batch_size_per_gpu = max(1, _as_int(batch_size, "batch_size", 1))
         self.max_new_tokens = _as_int(max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         self.use_cache = _as_bool(use_cache)
@@ -310,26 +310,32 @@ class FireboltLMMsAdapter:
 
     def loglikelihood(self, requests) -> List[Tuple[float, bool]]:
         """(log P(continuation | context, image), is greedy) per request (see the module doc)."""
-        import torch
         from tqdm.auto import tqdm
 
         args = [r.args for r in requests]
-        items = [self._ll_item(a) for a in args]
-        results: List[Optional[Tuple[float, bool]]] = [None] * len(items)
+        results: List[Optional[Tuple[float, bool]]] = [None] * len(args)
         pad = self._model._default_ids(None, None)[1]
-        order = sorted(range(len(items)), key=lambda i: (-(len(items[i][0]) + len(items[i][1])), i))
-        bar = tqdm(total=len(items), desc="firebolt loglikelihood", disable=self.rank != 0)
+
+        def size(i):  # text length as a cheap proxy for tokens; images are loaded one batch at a time
+            a = args[i]
+            return len(str(a[0] or "")) + (len(a[1]) if isinstance(a[1], str) else 0)
+
+        order = sorted(range(len(args)), key=lambda i: (-size(i), i))
+        bar = tqdm(total=len(args), desc="firebolt loglikelihood", disable=self.rank != 0)
         for start in range(0, len(order), self.batch_size):
-            chunk = [i for i in order[start : start + self.batch_size]]
+            chunk = order[start : start + self.batch_size]
+            prepared = {i: self._ll_item(args[i]) for i in chunk}
+            todo = []
             for i in chunk:
-                if len(items[i][1]) == 0:
+                if len(prepared[i][1]) == 0:
                     results[i] = (0.0, True)  # the empty continuation
-            chunk = [i for i in chunk if results[i] is None]
-            if chunk:
-                for i, res in zip(chunk, self._ll_batch([items[i] for i in chunk], pad)):
+                else:
+                    todo.append(i)
+            if todo:
+                for i, res in zip(todo, self._ll_batch([prepared[i] for i in todo], pad)):
                     results[i] = res
                     self.cache_hook.add_partial("loglikelihood", args[i], res)
-            bar.update(len(order[start : start + self.batch_size]))
+            bar.update(len(chunk))
         bar.close()
         return results
 

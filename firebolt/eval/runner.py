@@ -13,9 +13,9 @@
 4. score all items with the benchmark's exact scorer, write ``OUT/scores.json`` atomically and return the scores.
 
 Resuming: question_ids already in ``predictions.jsonl`` are skipped; a truncated last line (a run killed mid-write)
-is cut off first. ``OUT/run.json`` records what the predictions belong to (benchmark, data, split, model, dtype,
-max_new_tokens); resuming into a folder of a different run is refused (use another output folder or
-``overwrite=True``).
+is cut off first. ``OUT/run.json`` records what the predictions belong to (benchmark, data, split, a fingerprint of
+the weights, dtype, max_new_tokens); resuming into a folder of a different run -- another benchmark, or another
+model / a further-trained one -- is refused (use another output folder or ``overwrite=True``).
 
 Bad items do not stop the run: an image that cannot be read (missing, corrupt, too large) or a prompt the processor
 refuses gets the answer ``""`` (scored as wrong) and an ``"error"`` field in its predictions line, and is counted
@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SCORES_FILE = "scores.json"
@@ -41,8 +41,10 @@ RUN_FILE = "run.json"
 SUBMISSION_FILE = "vqav2_submission.json"
 DEFAULT_MAX_NEW_TOKENS = 32  # short answers and option letters; raise it for open-ended MMMU answers
 DEFAULT_SORT_WINDOW_BATCHES = 16  # items sorted by length within windows of this many batches
-# run.json fields that must match to resume into an output folder (the rest -- limit, batch size, device -- may change)
-_RUN_KEYS = ("benchmark", "data", "split", "model", "dtype", "max_new_tokens")
+# run.json fields that must match to resume into an output folder (the rest -- model path, limit, batch size,
+# device -- may change)
+_RUN_KEYS = ("benchmark", "data", "split", "weights", "dtype", "max_new_tokens")
+_FINGERPRINT_SAMPLES = 256  # elements hashed per tensor
 
 
 # ======================================================================================================
@@ -133,11 +135,11 @@ def plan_batches(lengths: Sequence[int], batch_size: int, window: int) -> List[L
 
 
 @dataclass
-class _Prepared:
-    """One batch ready for the model: the rows that could be processed and the errors of the others."""
+class _Loaded:
+    """A batch whose images are decoded: the rows still usable and the errors of the others."""
 
-    rows: List[int]  # item indices of the rows of `inputs`
-    inputs: Optional[dict]  # processor output: input_ids (B, T), attention_mask (B, T), pixel_values (N_img, 3, S, S)
+    rows: List[int]  # item indices
+    images: list  # RGB PIL image or None per row
     errors: Dict[int, str] = field(default_factory=dict)  # item index -> error message
 
 
@@ -146,47 +148,64 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
-def _prepare_batch(processor, items, prompts: Sequence[Optional[str]], prompt_errors: Dict[int, str],
-                   batch: Sequence[int]) -> _Prepared:
-    """Load the batch's images and run the processor; items that fail are recorded, not raised."""
-    from ..processing import load_image
+def _load_item_image(item, max_pixels):
+    """The item's image as RGB PIL through :func:`firebolt.processing.load_image` (clear errors; files and bytes are
+    checked against ``max_pixels`` from the header, before decoding)."""
+    import base64
 
-    errors: Dict[int, str] = {}
-    rows, texts, images = [], [], []
+    from ..processing import load_image
+    from .loaders import BytesImage, FileImage
+
+    ref = item.image
+    if isinstance(ref, FileImage):
+        return load_image(ref.path, max_pixels)
+    if isinstance(ref, BytesImage):
+        data = base64.b64decode(ref.data) if isinstance(ref.data, str) else ref.data
+        return load_image(bytes(data), max_pixels)
+    image = item.load_image()
+    if image is None:
+        raise ValueError("the item's image reference gave no image")
+    return load_image(image, max_pixels)
+
+
+def _load_batch(processor, items, prompt_errors: Dict[int, str], batch: Sequence[int]) -> _Loaded:
+    """Decode the batch's images (runs in the prefetch thread: no tokenizer use here); failures are recorded."""
+    loaded = _Loaded([], [])
     for i in batch:
         if i in prompt_errors:
-            errors[i] = prompt_errors[i]
+            loaded.errors[i] = prompt_errors[i]
             continue
         image = None
         if items[i].image is not None:
             try:
-                image = items[i].load_image()
-                if image is None:
-                    raise ValueError("the item's image reference gave no image")
-                image = load_image(image, processor.max_image_pixels)  # RGB, size limit
+                image = _load_item_image(items[i], processor.max_image_pixels)
             except Exception as e:  # noqa: BLE001 - a bad image must not kill the run
-                errors[i] = _error_text(e)
+                loaded.errors[i] = _error_text(e)
                 continue
-        rows.append(i)
-        texts.append(prompts[i])
-        images.append(image)
+        loaded.rows.append(i)
+        loaded.images.append(image)
+    return loaded
+
+
+def _process_batch(processor, prompts: Sequence[Optional[str]], loaded: _Loaded) -> Tuple[List[int], Optional[dict]]:
+    """(rows, processor inputs) of a loaded batch; rows the processor refuses (e.g. a prompt over the token limit)
+    move to ``loaded.errors`` and the rest is processed without them."""
+    rows, images = loaded.rows, loaded.images
     if not rows:
-        return _Prepared([], None, errors)
+        return [], None
     try:
-        return _Prepared(rows, processor(texts, images=images), errors)
+        return rows, processor([prompts[i] for i in rows], images=images)
     except Exception:  # noqa: BLE001 - find the offending rows one by one, keep the rest
-        keep_rows, keep_texts, keep_images = [], [], []
-        for i, t, im in zip(rows, texts, images):
+        keep, keep_images = [], []
+        for i, im in zip(rows, images):
             try:
-                processor([t], images=[im])
+                processor([prompts[i]], images=[im])
             except Exception as e:  # noqa: BLE001
-                errors[i] = _error_text(e)
+                loaded.errors[i] = _error_text(e)
                 continue
-            keep_rows.append(i)
-            keep_texts.append(t)
+            keep.append(i)
             keep_images.append(im)
-        inputs = processor(keep_texts, images=keep_images) if keep_rows else None
-        return _Prepared(keep_rows, inputs, errors)
+        return keep, (processor([prompts[i] for i in keep], images=keep_images) if keep else None)
 
 
 # ======================================================================================================
@@ -210,6 +229,23 @@ def generate_answers(model, processor, inputs: dict, max_new_tokens: int) -> Lis
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)  # (B, T + new)
     prompt_len = batch["input_ids"].shape[1]
     return [text.strip() for text in processor.batch_decode(out[:, prompt_len:].cpu())]
+
+
+def model_fingerprint(model) -> str:
+    """A cheap identity of the weights: SHA-1 over every state-dict tensor's name, shape, dtype and the raw bytes of
+    up to 256 evenly strided elements (any training step or another checkpoint changes it; the device does not)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha1()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // _FINGERPRINT_SAMPLES)][:_FINGERPRINT_SAMPLES].cpu().contiguous()
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _model_identity(model) -> Optional[str]:
@@ -237,8 +273,10 @@ def _check_run(out: Path, run: dict, overwrite: bool) -> None:
         return
     for k in _RUN_KEYS:
         if old.get(k) is not None and run.get(k) is not None and old.get(k) != run.get(k):
-            raise ValueError(f"{out} holds predictions of another run ({k}: {old.get(k)!r}, now {run.get(k)!r}); "
-                             f"use another output folder or overwrite")
+            what = ("another model's weights" if k == "weights"
+                    else f"another run ({k}: {old.get(k)!r}, now {run.get(k)!r})")
+            raise ValueError(f"{out} holds predictions of {what}; use another output folder or overwrite "
+                             f"(--overwrite / overwrite=True)")
 
 
 # ======================================================================================================
@@ -288,8 +326,8 @@ def evaluate(
         raise NotADirectoryError(f"output is not a folder: {out}")
     out.mkdir(parents=True, exist_ok=True)
     run = {"benchmark": name, "data": os.path.abspath(os.fspath(data)) if data is not None else None,
-           "split": split, "model": model_id or _model_identity(model), "dtype": str(model.dtype).replace("torch.", ""),
-           "max_new_tokens": int(max_new_tokens)}
+           "split": split, "model": model_id or _model_identity(model), "weights": model_fingerprint(model),
+           "dtype": str(model.dtype).replace("torch.", ""), "max_new_tokens": int(max_new_tokens)}
     _check_run(out, run, overwrite)
     pred_path = out / PREDICTIONS_FILE
     records, valid_bytes, needs_newline = read_prediction_records(pred_path)
@@ -314,7 +352,8 @@ def evaluate(
             lengths[i] = len(seq) + (extra if items[i].image is not None else 0)
     window = sort_window if sort_window is not None else batch_size * DEFAULT_SORT_WINDOW_BATCHES
     done = set(records)
-    pending = [[i for i in b if str(items[i].question_id) not in done] for b in plan_batches(lengths, batch_size, window)]
+    plan = plan_batches(lengths, batch_size, window)
+    pending = [[i for i in b if str(items[i].question_id) not in done] for b in plan]
     pending = [b for b in pending if b]
     n_done = sum(1 for it in items if str(it.question_id) in done)
 
@@ -343,21 +382,22 @@ def _run_batches(model, processor, items, prompts, prompt_errors, pending, pred_
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-images")
     try:
         with open(pred_path, "a", encoding="utf-8") as f:
-            future = pool.submit(_prepare_batch, processor, items, prompts, prompt_errors, pending[0])
+            future = pool.submit(_load_batch, processor, items, prompt_errors, pending[0])
             for k in range(len(pending)):
-                prepared = future.result()
+                loaded = future.result()
                 if k + 1 < len(pending):  # decode the next batch's images while the model works
-                    future = pool.submit(_prepare_batch, processor, items, prompts, prompt_errors, pending[k + 1])
-                answers = generate_answers(model, processor, prepared.inputs, max_new_tokens) if prepared.rows else []
-                lines = [{"question_id": items[i].question_id, "answer": a} for i, a in zip(prepared.rows, answers)]
+                    future = pool.submit(_load_batch, processor, items, prompt_errors, pending[k + 1])
+                rows, inputs = _process_batch(processor, prompts, loaded)  # tokenizer: main thread only
+                answers = generate_answers(model, processor, inputs, max_new_tokens) if rows else []
+                lines = [{"question_id": items[i].question_id, "answer": a} for i, a in zip(rows, answers)]
                 lines += [{"question_id": items[i].question_id, "answer": "", "error": msg}
-                          for i, msg in sorted(prepared.errors.items())]
+                          for i, msg in sorted(loaded.errors.items())]
                 _append_records(f, lines)
                 for rec in lines:
                     records[str(rec["question_id"])] = rec
                 n_new += len(lines)
                 bar.update(len(lines))
-                if prepared.errors:
+                if loaded.errors:
                     bar.set_postfix(errors=sum(1 for r in records.values() if "error" in r))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -9,7 +9,8 @@ Request path: read the body (byte limit, 413) -> JSON (400) -> schema (422) -> s
 bytes (data: URL / allowed local file / optional remote fetch) -> in a worker thread: decode the image (pixel limit)
 and tokenize the chat prompt (token limit) -> the engine's queue (429 when full) -> events back through an asyncio
 queue -> one JSON answer or an SSE stream. Endpoints are async and the model runs in the engine's own thread, so a long
-generation never blocks `/health`. Any failure becomes an OpenAI-shaped error; the server keeps running.
+generation never blocks `/health`. A client that hangs up (streaming or not) has its row cancelled, so abandoned
+requests stop using the engine. Any failure becomes an OpenAI-shaped error; the server keeps running.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def create_app(model, processor, config: ServerConfig | None = None, engine: Eng
     lifespan and stops with it."""
     config = config or ServerConfig()
     engine = engine or Engine(model, processor, config.max_batch_size, config.max_queue, config.batch_wait_ms / 1000)
-    policy = ImagePolicy(config.allowed_dir, config.allow_remote_images, config.max_image_bytes, config.remote_timeout_s)
+    policy = ImagePolicy(config.allowed_dir, config.allow_remote_images, config.max_image_bytes,
+                         config.remote_timeout_s)
     max_pixels = config.max_image_pixels if config.max_image_pixels is not None else processor.max_image_pixels
     context_length = int(getattr(model.config.text_config, "max_position_embeddings", 0) or 0)
     created = int(time.time())
@@ -91,7 +93,8 @@ def create_app(model, processor, config: ServerConfig | None = None, engine: Eng
         errors = e.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        err = APIError(422, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param=param, code="invalid_type")
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        err = APIError(422, message, param=param, code="invalid_type")
         return JSONResponse(err.body(), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -103,7 +106,8 @@ def create_app(model, processor, config: ServerConfig | None = None, engine: Eng
     @app.exception_handler(Exception)
     async def _server_error(request, e: Exception):
         log.exception("unhandled error")
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", "server_error").body(), status_code=500)
+        err = APIError(500, f"internal error: {type(e).__name__}", "server_error")
+        return JSONResponse(err.body(), status_code=500)
 
     def check_auth(request: Request) -> None:
         if config.api_key is None:
@@ -149,6 +153,8 @@ def create_app(model, processor, config: ServerConfig | None = None, engine: Eng
             payload = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body nests too deeply", code="invalid_json") from None
         try:
             req = ChatCompletionRequest.model_validate(payload)
         except ValidationError as e:
@@ -170,7 +176,8 @@ def create_app(model, processor, config: ServerConfig | None = None, engine: Eng
                            param="messages", code="context_length_exceeded")
         if context_length and n_prompt + params.max_tokens > context_length:
             raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                                f"context of {context_length} tokens", param="max_tokens", code="context_length_exceeded")
+                                f"context of {context_length} tokens", param="max_tokens",
+                           code="context_length_exceeded")
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -196,9 +203,19 @@ def create_app(model, processor, config: ServerConfig | None = None, engine: Eng
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         pieces: list[str] = []
+        getter, next_check = None, time.monotonic() + 1.0
         try:
             while True:
-                event = await events.get()
+                if time.monotonic() >= next_check:  # about once a second: is anybody still waiting?
+                    next_check = time.monotonic() + 1.0
+                    if await request.is_disconnected():
+                        job.cancel()  # free the engine's row
+                        raise APIError(499, "client closed the request", code="client_closed")
+                getter = getter or asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter}, timeout=1.0)
+                if not done:
+                    continue
+                event, getter = getter.result(), None
                 if event.kind == "delta":
                     pieces.append(event.text)
                 elif event.kind == "error":
@@ -208,6 +225,9 @@ def create_app(model, processor, config: ServerConfig | None = None, engine: Eng
         except asyncio.CancelledError:
             job.cancel()
             raise
+        finally:
+            if getter is not None:
+                getter.cancel()
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -379,7 +399,8 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
+                                                    timeout_keep_alive=30))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name="firebolt-uvicorn")
 

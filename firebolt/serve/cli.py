@@ -28,7 +28,8 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes "
                    "(default: the FIREBOLT_API_KEY environment variable, else no key)")
     p.add_argument("--allowed-dir", default=None, help="accept local image paths / file:// URLs inside this folder")
-    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (size-limited, timeout)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (size-limited, with a timeout)")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the engine waits to fill a batch")

@@ -12,11 +12,13 @@ Batch keys, and why:
     greedy (temperature 0)        -> one key for all: greedy rows are independent, so a batched greedy row equals the
                                      same request run alone (the model's left padding is exact).
     sampled, no seed              -> (temperature, top_p): same warpers, one shared generator seeded at random.
-    sampled with a seed           -> a key of its own: the request runs alone with `torch.Generator().manual_seed(seed)`,
-                                     exactly the draw `model.generate(..., generator=...)` makes for that prompt, so
-                                     the server's answer equals `generate` for the same seed. (Per-row generators would
-                                     need a second sampling loop beside `generate`'s; a row of its own keeps one
-                                     sampling path and costs only batching of seeded sampled requests.)
+    sampled with a seed           -> a key of its own: the request runs alone with
+                                     `torch.Generator().manual_seed(seed)`, exactly the draws that
+                                     `model.generate(..., generator=...)` makes for that prompt, so the server's
+                                     answer equals `generate` for the same seed. (`generate` draws every row from one
+                                     generator, so a row's draws depend on its batch-mates; per-row generators would
+                                     need a second sampling loop beside `generate`'s. A batch of one keeps a single
+                                     sampling path and costs only the batching of seeded sampled requests.)
 
 Stopping is per row: the engine calls `generate(..., ignore_eos=True)` and watches every row itself (EOS, `stop`
 strings, the row's own `max_tokens`); a finished row gets its final event at once, and when every row is finished
@@ -179,7 +181,8 @@ class _Row:
         rest = self.text.flush()
         if rest:
             self.job.send(Event("delta", rest))
-        self.job.send(Event("done", finish_reason=reason, prompt_tokens=len(self.job.input_ids), completion_tokens=self.n))
+        self.job.send(Event("done", finish_reason=reason, prompt_tokens=len(self.job.input_ids),
+                            completion_tokens=self.n))
         self.done = True
 
     def step(self, token: int) -> None:

@@ -8,8 +8,8 @@ The CMM keeps, per token and head, the top-k grids and softmaxes over them (pape
 weights averaged over heads as `cmm_weights` (B, T, G) when asked (`output_cmm_weights=True`); each row sums to 1.
 `explain_weights` runs one forward pass and returns them for the prompt's tokens, per word (mean over the word's
 tokens) and overall (mean over the prompt's tokens). `render_explanation` draws them: a view's weight is added over the
-view's box (the global view covers the whole image, tiles their own squares; see `heat_map`), the boxes scaled from the processor's
-S x S square back to the image's own size, one panel for "overall" and one per word.
+view's box (the global view covers the whole image, tiles their own squares; see `heat_map`), the boxes scaled from
+the processor's S x S square back to the image's own size, one panel for "overall" and one per word.
 
 Only fusion type "cmm" has these weights; other fusion types get a ValueError that says so.
 """
@@ -197,8 +197,8 @@ def render_explanation(image, explanation: GridExplanation, output, max_words: i
         ax.axis("off")
     fig.colorbar(im, ax=axes, shrink=0.8, label="view weight")
     more = len(explanation.words) - max_words
-    fig.suptitle(f"CMM token-to-grid weights: {explanation.prompt[:80]}" + (f"  (+{more} words not shown)" if more > 0 else ""),
-                 fontsize=10)
+    note = f"  (+{more} words not shown)" if more > 0 else ""
+    fig.suptitle(f"CMM token-to-grid weights: {explanation.prompt[:80]}{note}", fontsize=10)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")

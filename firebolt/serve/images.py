@@ -100,7 +100,8 @@ async def _fetch(url: str, policy: ImagePolicy) -> bytes:
         async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=True, max_redirects=3) as client:
             async with client.stream("GET", url) as response:
                 if response.status_code != 200:
-                    raise _bad(f"could not fetch the image: HTTP {response.status_code} from {url}", code="image_fetch_failed")
+                    raise _bad(f"could not fetch the image: HTTP {response.status_code} from {url}",
+                               code="image_fetch_failed")
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > policy.max_bytes:
                     raise _bad(f"remote image is {declared} bytes, over the limit of {policy.max_bytes}",
@@ -109,10 +110,12 @@ async def _fetch(url: str, policy: ImagePolicy) -> bytes:
                 async for chunk in response.aiter_bytes():
                     data += chunk
                     if len(data) > policy.max_bytes:
-                        raise _bad(f"remote image is over the limit of {policy.max_bytes} bytes", code="image_too_large")
+                        raise _bad(f"remote image is over the limit of {policy.max_bytes} bytes",
+                                   code="image_too_large")
                 return bytes(data)
     except httpx.HTTPError as e:
-        raise _bad(f"could not fetch the image from {url}: {type(e).__name__}: {e}", code="image_fetch_failed") from None
+        raise _bad(f"could not fetch the image from {url}: {type(e).__name__}: {e}",
+                   code="image_fetch_failed") from None
 
 
 async def image_bytes(url: str, policy: ImagePolicy) -> bytes:

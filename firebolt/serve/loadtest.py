@@ -47,7 +47,13 @@ async def _run(url: str, clients: int, requests: int, max_tokens: int, image_url
         while not queue.empty():
             i = queue.get_nowait()
             t0 = time.perf_counter()
-            r = await c.post("/v1/chat/completions", json=_payload(i, image_url, max_tokens, temperature, model_name))
+            try:
+                body = _payload(i, image_url, max_tokens, temperature, model_name)
+                r = await c.post("/v1/chat/completions", json=body)
+            except httpx.TransportError as e:
+                print(f"request {i}: {type(e).__name__}: {e}")
+                failures += 1
+                continue
             latencies.append(time.perf_counter() - t0)
             if r.status_code == 200:
                 tokens += r.json()["usage"]["completion_tokens"]
@@ -61,7 +67,7 @@ async def _run(url: str, clients: int, requests: int, max_tokens: int, image_url
         await asyncio.gather(*(worker(c) for _ in range(clients)))
         wall = time.perf_counter() - start
         health = (await c.get("/health")).json()
-    lat = sorted(latencies)
+    lat = sorted(latencies) or [float("nan")]
     return {
         "requests": requests, "clients": clients, "failures": failures, "wall_s": wall,
         "requests_per_s": requests / wall, "tokens_per_s": tokens / wall,

@@ -215,25 +215,71 @@ def evaluate(model, processor, sources: list, *, max_length: int = 2048, loss_on
 
 # ---------------------------------------------------------------------------------------------- wrapping
 def _wrap(model, runtime: RuntimeConfig, info: DistInfo):
+    """DDP, or FSDP2 (`fully_shard` on each decoder layer and the vision tower, then the root).
+    FSDP cannot shard 0-d parameters (the CMM's gate): they stay replicated and `_sync_replicated` averages their
+    gradients. Returns (wrapped model, is_fsdp, replicated parameters)."""
     strategy = runtime.strategy
     if not info.distributed:
-        return model, False
+        return model, False, []
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        scalars = [p for p in model.parameters() if p.ndim == 0]
+        kw = {"ignored_params": set(scalars)} if scalars else {}
         lm = model.language_model
         layers = getattr(getattr(lm, "model", lm), "layers", [])
         for layer in layers:
-            fully_shard(layer)
-        for part in (getattr(model, "cmm", None), getattr(model, "projector", None), model.vision):
-            if part is not None:
-                fully_shard(part)
-        fully_shard(model)
-        return model, True
+            fully_shard(layer, **kw)
+        fully_shard(model.vision, **kw)
+        fully_shard(model, **kw)  # the root also holds the fusion module (its methods run outside its forward)
+        return model, True, [p for p in scalars if p.requires_grad]
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DDP(model, device_ids=ids, find_unused_parameters=runtime.find_unused_parameters), False
+    return DDP(model, device_ids=ids, find_unused_parameters=runtime.find_unused_parameters), False, []
+
+
+def _sync_replicated(params: list, info: DistInfo) -> None:
+    """Average the gradients of parameters FSDP left replicated (one all-reduce)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= info.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _clip_grad_norm(params: list, max_norm: float, fsdp: bool, info: DistInfo) -> float:
+    """Global L2 norm of the gradients, clipped to max_norm. Under FSDP the squared norms of the local shards are
+    summed over processes in one all-reduce (replicated parameters counted once)."""
+    if not fsdp:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    import torch.distributed as dist
+
+    sharded, replicated = torch.zeros((), dtype=torch.float64, device=info.device), 0.0
+    grads = []
+    for p in params:
+        if p.grad is None:
+            continue
+        grads.append(p.grad)
+        g = p.grad.to_local() if hasattr(p.grad, "to_local") else None
+        if g is not None:
+            sharded += g.detach().double().pow(2).sum()
+        else:
+            replicated += float(p.grad.detach().double().pow(2).sum())
+    dist.all_reduce(sharded, op=dist.ReduceOp.SUM)
+    total = math.sqrt(float(sharded) + replicated)
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0 and math.isfinite(total):
+        for g in grads:
+            g.mul_(coef)
+    return total
 
 
 def _as_specs(data, default: list) -> list:
@@ -364,10 +410,19 @@ def run_stage(
         total_steps = int(trainer_state["total_steps"])  # keep the schedule the run started with
     # groups are decided on the plain module (FSDP replaces the parameters and drops their `_optim` tags)
     groups = param_groups(model, lrs, stage.optim.weight_decay)
-    wrapped, fsdp = _wrap(model, runtime, info)
+    wrapped, fsdp, replicated = _wrap(model, runtime, info)
     params = dict(model.named_parameters())
     for g in groups:
         g["params"] = [params[n] for n in g["param_names"]]
+    if fsdp:  # keep sharded (DTensor) and replicated parameters in separate groups: foreach kernels need one kind
+        split = []
+        for g in groups:
+            for want in (True, False):
+                names = [n for n in g["param_names"] if hasattr(params[n], "to_local") == want]
+                if names:
+                    split.append({**g, "name": g["name"] + ("" if want else ".replicated"), "param_names": names,
+                                  "params": [params[n] for n in names]})
+        groups = split
     fused = device.type == "cuda" and not fsdp
     optimizer = build_optimizer(groups, stage.optim, fused=fused)
     scheduler = build_scheduler(optimizer, total_steps, stage.optim)
@@ -505,9 +560,10 @@ def run_stage(
                     (nll * scale).backward()
                 step_nll += float(nll.detach())
                 run_tokens += batch["n_tokens"]
+            if replicated:
+                _sync_replicated(replicated, info)
             clip = stage.optim.grad_clip if stage.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], clip)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            grad_norm = _clip_grad_norm([p for g in groups for p in g["params"]], clip, fsdp, info)
             if math.isfinite(grad_norm):
                 optimizer.step()
                 nonfinite = 0
@@ -652,10 +708,12 @@ def stage_done(stage_dir) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- whole recipes
-def load_start_model(model=None, recipe: Optional[Recipe] = None, seed: int = 0, workdir=None):
+def load_start_model(model=None, recipe: Optional[Recipe] = None, seed: int = 0, workdir=None,
+                     info: Optional[DistInfo] = None):
     """(model, processor) in fp32 for training: a (model, processor) pair, a Firebolt-VL directory, the preset
-    `tiny`, or (None) the recipe's `model:` section (preset or vision + language checkpoints)."""
-    from ..hub import load_model_dir
+    `tiny`, or (None) the recipe's `model:` section (preset or vision + language checkpoints).
+    `workdir`: a folder every process can see (the run's output), used to share the tiny preset between processes."""
+    from ..hub import load_model_dir, save_model_dir
 
     if isinstance(model, tuple):
         return model
@@ -673,12 +731,26 @@ def load_start_model(model=None, recipe: Optional[Recipe] = None, seed: int = 0,
             return FireboltForConditionalGeneration.from_components(spec.vision, spec.language,
                                                                    dtype=torch.float32, **config)
     if model == "tiny":
+        import shutil
         import tempfile
 
         from ..presets import build_tiny
 
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            return build_tiny(tmp, seed=seed, **config)
+        if info is None or not info.distributed:
+            with tempfile.TemporaryDirectory() as tmp:
+                return build_tiny(tmp, seed=seed, **config)
+        # transformers writes checkpoints on rank 0 only once a process group exists: rank 0 builds, all load
+        shared = Path(workdir) / ".tiny-start"
+        if info.is_main:
+            shutil.rmtree(shared, ignore_errors=True)
+            m, p = build_tiny(shared / "parts", seed=seed, **config)
+            save_model_dir(m, p, shared / "model")
+        barrier(info)
+        loaded = load_model_dir(shared / "model", device="cpu", dtype=torch.float32)
+        barrier(info)
+        if info.is_main:
+            shutil.rmtree(shared, ignore_errors=True)
+        return loaded
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"model not found: {model} (give a Firebolt-VL directory or `tiny`)")
@@ -726,7 +798,7 @@ def run_recipe(recipe: Recipe, output_dir, *, model=None, stages: Optional[list[
                     print(f"[{name}] note: no earlier stage result in {out}; starting from "
                           f"{'the recipe model' if recipe.model.preset or recipe.model.vision else 'nothing'}")
             stage_seed = recipe.seed + 7919 * names.index(name)
-            m, processor = load_start_model(current, recipe, seed=recipe.seed)
+            m, processor = load_start_model(current, recipe, seed=recipe.seed, workdir=out, info=info)
             results[name] = run_stage(m, processor, stage, stage_dir, runtime=recipe.runtime, seed=stage_seed,
                                       resume=resume, metrics_path=out / "metrics.jsonl", data_root=data_root,
                                       image_root=image_root)

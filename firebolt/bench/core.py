@@ -1,0 +1,442 @@
+"""The benchmark run: build the variants, measure bandwidth, time warm-up + repeated runs round-robin, aggregate,
+sweep prefill scaling, check the targets, write results.json + PNG plots, print a one-line JSON summary.
+
+Glossary
+    B batch rows   T prompt tokens   N new tokens   L context length (T + tokens generated so far)
+
+Variants run round-robin inside every repetition (the order rotates from one repetition to the next), so a change
+of load on a shared machine hits all of them alike; the bandwidth is re-sampled at every repetition for the same
+reason. All models stay resident for the whole run: peak memory is reported as the process peak during a variant's
+runs and as the growth over the memory held when the run started (activations, caches), next to the variant's
+weight bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PAPER_TOK_S = 46.67  # paper Table 2: one H100, batch 1, POPE, 256 new tokens
+TARGETS = {
+    "decode_vs_lfm2": (">=", 0.95, "Firebolt-VL decode tokens/s / bare LFM2 decode tokens/s (batch 1)"),
+    "decode_vs_nocache": (">=", 20.0, "Firebolt-VL cached decode tokens/s / no-cache (authors') decode tokens/s"),
+    "bandwidth_fraction": (">=", 0.7, "Firebolt-VL decode tokens/s / memory-bandwidth bound (batch 1)"),
+    "ttft_vs_lfm2_vl": ("<=", 0.4, "Firebolt-VL time to first token / LFM2-VL's (256 image tokens), same image"),
+    "gpu_decode_tok_s_batch1": (">=", 10 * PAPER_TOK_S, "GPU decode tokens/s at batch 1 (10x the paper's 46.67)"),
+    "gpu_decode_tok_s_batch32": ("report", None, "GPU decode throughput at batch 32 (tokens/s, all rows)"),
+    "tiny_wall_s": ("<=", 120.0, "wall time of a --preset tiny run (2 cores)"),
+}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _parse_ints(value, name: str) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [x for x in str(value).replace(" ", "").split(",") if x]
+    try:
+        out = [int(x) for x in items]
+    except ValueError:
+        raise ValueError(f"{name} must be a comma-separated list of integers, got {value!r}") from None
+    if not out or any(x < 1 for x in out):
+        raise ValueError(f"{name} must hold positive integers, got {value!r}")
+    return out
+
+
+def _target(name: str, value, note: str | None = None) -> dict:
+    op, goal, what = TARGETS[name]
+    met = None
+    if value is not None and goal is not None:
+        met = bool(value >= goal) if op == ">=" else bool(value <= goal)
+    out = {"value": value, "target": None if goal is None else f"{op} {goal}", "met": met, "what": what}
+    if note:
+        out["note"] = note
+    return out
+
+
+def _strip(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k != "tokens"}
+
+
+def run_bench(
+    output: str,
+    preset: str = "tiny",
+    device: str = "auto",
+    dtype: str | None = None,
+    batch_sizes=None,
+    new_tokens: int = 256,
+    nocache_tokens: int | None = None,
+    warmup: int = 1,
+    repeats: int = 3,
+    threads: int | None = None,
+    int8: bool = False,
+    compile: str = "auto",
+    lockstep: str = "auto",
+    variants=None,
+    scaling: bool = True,
+    scaling_lengths=None,
+    scaling_grids=None,
+    seed: int = 0,
+    argv: list[str] | None = None,
+) -> dict:
+    """Run the benchmark; returns the full result dict (also written to OUTPUT/results.json)."""
+    from tqdm.auto import tqdm
+
+    from ..hub import parse_dtype, resolve_device
+    from ..processing import atomic_write_text
+    from .measure import machine_info, measure_bandwidth, quick_read_bandwidth, summarize
+    from .plots import plot_results
+    from .runner import StaticRunner, check_against_generate, run_lockstep, run_variant
+    from .suite import VARIANT_NAMES, build_suite, make_preset
+
+    wall0 = time.perf_counter()
+    if new_tokens < 2:
+        raise ValueError(f"--new-tokens must be >= 2 (one prefill token + decoding steps), got {new_tokens}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    preset_obj = make_preset(preset)
+    dev = resolve_device(device)
+    dt = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt]
+    n_threads = threads or min(2, os.cpu_count() or 1)
+    torch.set_num_threads(n_threads)
+    batches = _parse_ints(batch_sizes, "--batch-sizes") or ([1, 32] if dev.type == "cuda" else [1])
+    names = [x for x in (variants.split(",") if isinstance(variants, str) else (variants or VARIANT_NAMES)) if x]
+    unknown = [n for n in names if n not in VARIANT_NAMES]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANT_NAMES)}")
+    slow_nocache = preset == "paper" and dev.type == "cpu"
+    n_nocache = nocache_tokens or (16 if slow_nocache else min(new_tokens, 64))
+    n_nocache = max(2, min(n_nocache, new_tokens))
+    mode = compile
+    if mode == "auto":
+        mode = "reduce-overhead" if dev.type == "cuda" else "off"
+    if mode not in ("off", "static", "default", "reduce-overhead", "max-autotune"):
+        raise ValueError(f"--compile must be auto, off, static, default, reduce-overhead or max-autotune, "
+                         f"got {compile!r}")
+    static = StaticRunner(mode) if mode != "off" else None
+    if lockstep not in ("auto", "on", "off"):
+        raise ValueError(f"--lockstep must be auto, on or off, got {lockstep!r}")
+    use_lockstep = lockstep == "on" or (lockstep == "auto" and dev.type == "cpu")
+    lengths = _parse_ints(scaling_lengths, "--scaling-lengths") or preset_obj.scaling_lengths
+    grids = _parse_ints(scaling_grids, "--scaling-grids") or preset_obj.scaling_grids
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    _log(f"[bench] preset={preset} device={dev} dtype={dtype_name} threads={n_threads} batches={batches} "
+         f"new_tokens={new_tokens} (no-cache: {n_nocache}) compile={mode} int8={int8}")
+    torch.manual_seed(seed)
+    suite = build_suite(preset, dev, dt, names, int8=int8, seed=seed,
+                        progress=lambda n: _log(f"[bench] built {n}"))
+    result = {
+        "schema": "firebolt-bench/1",
+        "command": "firebolt bench " + " ".join(argv) if argv is not None else None,
+        "preset": preset,
+        "device": str(dev),
+        "dtype": dtype_name,
+        "threads": n_threads,
+        "int8": bool(int8),
+        "compile": mode,
+        "cuda_graphs": mode == "reduce-overhead" and dev.type == "cuda",
+        "decode_timing": "lockstep" if use_lockstep else "solo",
+        "kernels": _kernel_report(),
+        "machine": machine_info(dev),
+        "settings": {
+            "batch_sizes": batches,
+            "new_tokens": new_tokens,
+            "nocache_new_tokens": n_nocache,
+            "warmup_runs": warmup,
+            "timed_repeats": repeats,
+            "sampling": "greedy argmax, EOS ignored: every variant generates exactly the same number of tokens",
+            "question": suite.question,
+            "image_px": suite.image.size[0],
+            "firebolt_view_geometry": _geometry(suite),
+            "seed": seed,
+            "weights": "random (seeded), real shapes for --preset paper: SigLIP2-base 256 px + LFM2-350M",
+        },
+        "build_s": suite.build_s,
+        "notes": [],
+        "gpu": None,
+    }
+    notes = result["notes"]
+    if dev.type != "cuda":
+        result["gpu"] = {"available": torch.cuda.is_available(),
+                         "note": "no GPU was used by this run (none is lent to this machine); the CUDA path "
+                                 "(bf16, static cache + torch.compile mode reduce-overhead = CUDA graphs, allocator "
+                                 "peak memory, batch 1 and 32) exists: run `firebolt bench --preset paper --device cuda`"}
+    if "firebolt_nocache" in suite.variants:
+        notes.append(f"firebolt_nocache decodes {n_nocache} tokens per run instead of {new_tokens} (it recomputes "
+                     "vision, CMM and the whole prefix per token); its rates are per token over those tokens, measured "
+                     "at batch 1 only. Its prefix is shorter than at the end of a 256-token answer, so its per-token "
+                     "cost is if anything underestimated (the speed-up of cached decoding is conservative).")
+    for v in suite.variants.values():
+        notes.extend(v.notes)
+    if use_lockstep:
+        notes.append("decode timing 'lockstep': in every repetition the cached variants first produce their first "
+                     "tokens one after the other (TTFT stages timed), then decode side by side, one token each in "
+                     "turn, every step timed; decode_tok_s = batch x (N - 1) / sum of the step times, "
+                     "decode_tok_s_median_step = batch / median step time (robust to load spikes); peak memory of a "
+                     "cached variant is measured over its first-token stages (decoding adds only its cache, counted "
+                     "in bytes_per_step)")
+    if dev.type == "cpu":
+        notes.append(f"CPU timings on a shared machine ({os.cpu_count()} cores, load average at start "
+                     f"{result['machine']['loadavg_at_start']}): noisy; variants run round-robin per repetition so "
+                     "load changes hit all alike; medians and spreads reported.")
+
+    # ---- memory bandwidth (the decoding limit)
+    _log("[bench] measuring memory bandwidth")
+    bw = measure_bandwidth(dev)
+    result["bandwidth"] = bw
+    bw_samples = [bw["read_gbps"]]
+
+    # ---- correctness of the benchmark loops (and compile warm-up)
+    checks = {}
+    for name in ("firebolt", "prepend", "lfm2"):
+        if name in suite.variants:
+            checks[name] = check_against_generate(suite.variants[name], min(6, new_tokens))
+    if static is not None:
+        for name, v in suite.variants.items():
+            if v.kind == "cached" and v.supports_static():
+                n = min(8, new_tokens)
+                eager = run_variant(v, 1, n)["tokens"]
+                _log(f"[bench] compiling the decoding step of {name} (mode {mode})")
+                t0 = time.perf_counter()
+                comp = run_variant(v, 1, n, static, max_new_tokens=new_tokens)["tokens"]
+                checks.setdefault(name, {})["compiled_tokens_match_eager"] = bool(torch.equal(eager, comp))
+                checks[name]["compile_s"] = time.perf_counter() - t0
+    result["consistency"] = checks
+
+    # ---- timed runs
+    records = {n: {b: [] for b in batches} for n in suite.variants}
+    warm_records = {n: {b: [] for b in batches} for n in suite.variants}
+    cached_names = [n for n, v in suite.variants.items() if v.kind == "cached"]
+    nocache_names = [n for n, v in suite.variants.items() if v.kind == "nocache"]
+    plan = []  # (batch, repetition (< 0: warm-up), names run together)
+    for b in batches:
+        for rep in range(-warmup, repeats):
+            k = rep % max(len(cached_names), 1) if rep >= 0 else 0
+            order = cached_names[k:] + cached_names[:k]
+            if use_lockstep and rep >= 0 and order:
+                plan.append((b, rep, tuple(order)))
+            else:
+                plan += [(b, rep, (n,)) for n in order]
+            if b == 1:
+                plan += [(b, rep, (n,)) for n in nocache_names]
+    bar = tqdm(plan, desc="bench runs", file=sys.stderr, disable=None)
+    last_rep = None
+    for b, rep, group in bar:
+        if rep >= 0 and (b, rep) != last_rep:
+            bw_samples.append(quick_read_bandwidth(dev))
+            last_rep = (b, rep)
+        bar.set_postfix_str(f"B={b} {'+'.join(group)} {'warm-up' if rep < 0 else f'rep {rep + 1}/{repeats}'}")
+        sink = warm_records if rep < 0 else records
+        if len(group) > 1:
+            recs, samples = run_lockstep([suite.variants[n] for n in group], b, new_tokens, static,
+                                         bandwidth_every=64)
+            bw_samples += samples
+            for n, rec in recs.items():
+                sink[n][b].append(rec)
+            continue
+        v = suite.variants[group[0]]
+        tokens = n_nocache if v.kind == "nocache" else new_tokens
+        if rep < 0:
+            tokens = min(tokens, 4)
+        sink[group[0]][b].append(run_variant(v, b, tokens, static, max_new_tokens=new_tokens))
+    bar.close()
+    bw_median = summarize(bw_samples)["median"]
+    bw_best = max(bw_samples)
+    result["bandwidth"]["samples_gbps"] = bw_samples
+    result["bandwidth"]["used_gbps"] = bw_median
+    result["bandwidth"]["used"] = "median of the read-bandwidth samples taken at start and before every repetition"
+    result["memory_method"] = "CUDA allocator peak" if dev.type == "cuda" else "RSS high-water mark (VmHWM)"
+
+    # ---- aggregate
+    keys = ["preprocess_s", "vision_s", "fusion_s", "prefill_s", "ttft_s", "ttft_with_preprocess_s", "decode_s",
+            "decode_tok_s", "step_s_median", "decode_tok_s_median_step", "e2e_s", "e2e_tok_s", "peak_mem_mb",
+            "peak_over_start_mb"]
+    result["variants"] = {}
+    for n, v in suite.variants.items():
+        entry = {"description": v.description, "kind": v.kind, "params": v.total_params(),
+                 "weights_mb": v.resident_bytes() / 2**20, "batches": {}}
+        if n == "lfm2_vl":
+            entry["image_tokens"] = v.image_tokens
+        elif n in ("firebolt", "prepend", "firebolt_nocache"):
+            entry["image_tokens"] = v.model.config.image_seq_length
+            entry["grids"] = v.model.config.num_grids
+        for b in batches:
+            recs = records[n][b]
+            if not recs:
+                continue
+            e = {k: summarize([r.get(k) for r in recs]) for k in keys}
+            warm = warm_records[n][b]
+            if warm:  # first (warm-up) run: includes first-touch allocations
+                e["peak_mem_mb_first_run"] = max(r["peak_mem_mb"] for r in warm if r.get("peak_mem_mb") is not None)
+            e["new_tokens"] = recs[0]["new_tokens"]
+            e["prompt_tokens"] = recs[0]["prompt_tokens"]
+            e["tokens_identical_across_runs"] = all(torch.equal(r["tokens"], recs[0]["tokens"]) for r in recs)
+            e["runs"] = [_strip(r) for r in recs]
+            if v.kind == "cached":
+                ctx = e["prompt_tokens"] + e["new_tokens"] / 2  # mean context length over the decoding
+                wbytes = v.weight_bytes(b)
+                cbytes = v.cache_bytes(b, ctx)
+                step_bytes = wbytes + cbytes
+                e["bytes_per_step"] = {"weights": wbytes, "caches": cbytes, "total": step_bytes,
+                                       "per_token": step_bytes / b, "mean_context": ctx}
+                e["bound_tok_s"] = b * bw_median * 1e9 / step_bytes
+                e["bound_tok_s_best_bandwidth"] = b * bw_best * 1e9 / step_bytes
+                med = e["decode_tok_s"]["median"]
+                e["bound_fraction"] = med / e["bound_tok_s"] if med else None
+                e["bound_fraction_best_bandwidth"] = med / e["bound_tok_s_best_bandwidth"] if med else None
+                ms = e["decode_tok_s_median_step"]["median"]
+                e["bound_fraction_median_step"] = ms / e["bound_tok_s"] if ms else None
+                e["achieved_gbps"] = med * step_bytes / b / 1e9 if med else None
+            else:
+                e["per_token_s"] = summarize([1.0 / r["decode_tok_s"] for r in recs if r["decode_tok_s"]])
+            entry["batches"][str(b)] = e
+        result["variants"][n] = entry
+
+    # ---- scaling sweeps
+    if scaling and any(n in suite.variants for n in ("firebolt", "prepend", "lfm2_vl")):
+        from .scaling import run_scaling
+
+        _log(f"[bench] prefill scaling: lengths {lengths}, grids {grids}")
+        result["scaling"] = run_scaling(suite, lengths, grids, grid_text_tokens=min(256, max(lengths)),
+                                        progress=lambda s: _log(f"[bench] scaling {s}"))
+
+    result["targets"] = _targets(result, batches, dev, preset)
+    result["wall_s"] = time.perf_counter() - wall0
+    if preset == "tiny":
+        result["targets"]["tiny_wall_s"] = _target("tiny_wall_s", result["wall_s"],
+                                                   f"{n_threads} threads; wall time includes building and scaling")
+    result["plots"] = plot_results(result, out_dir)
+    result["results_path"] = str(out_dir / "results.json")
+    atomic_write_text(out_dir / "results.json", json.dumps(result, indent=1))
+    return result
+
+
+def _b1(result, name, key="decode_tok_s"):
+    e = result["variants"].get(name, {}).get("batches", {}).get("1")
+    if not e:
+        return None
+    v = e.get(key)
+    return v.get("median") if isinstance(v, dict) else v
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _paired(result, a, b, key="decode_tok_s"):
+    """Median over repetitions of the per-repetition ratio a/b (runs of one repetition are adjacent in time)."""
+    from .measure import summarize
+
+    ea = result["variants"].get(a, {}).get("batches", {}).get("1")
+    eb = result["variants"].get(b, {}).get("batches", {}).get("1")
+    if not ea or not eb:
+        return None
+    ra, rb = ea["runs"], eb["runs"]
+    vals = [x[key] / y[key] for x, y in zip(ra, rb) if x.get(key) and y.get(key)]
+    return summarize(vals)["median"]
+
+
+def _targets(result, batches, dev, preset) -> dict:
+    t = {}
+    fb, lm, nc = _b1(result, "firebolt"), _b1(result, "lfm2"), _b1(result, "firebolt_nocache")
+    t["decode_vs_lfm2"] = _target("decode_vs_lfm2", _ratio(fb, lm))
+    if t["decode_vs_lfm2"]["value"] is not None:
+        t["decode_vs_lfm2"]["paired_median"] = _paired(result, "firebolt", "lfm2")
+        t["decode_vs_lfm2"]["median_step"] = _ratio(_b1(result, "firebolt", "decode_tok_s_median_step"),
+                                                    _b1(result, "lfm2", "decode_tok_s_median_step"))
+    t["decode_vs_nocache"] = _target("decode_vs_nocache", _ratio(fb, nc))
+    if t["decode_vs_nocache"]["value"] is not None:
+        t["decode_vs_nocache"]["median_step"] = _ratio(_b1(result, "firebolt", "decode_tok_s_median_step"),
+                                                       _b1(result, "firebolt_nocache", "decode_tok_s_median_step"))
+    frac = _b1(result, "firebolt", "bound_fraction")
+    t["bandwidth_fraction"] = _target("bandwidth_fraction", frac)
+    if frac is not None:
+        t["bandwidth_fraction"]["at_best_bandwidth"] = _b1(result, "firebolt", "bound_fraction_best_bandwidth")
+        t["bandwidth_fraction"]["median_step"] = _b1(result, "firebolt", "bound_fraction_median_step")
+        t["bandwidth_fraction"]["bound_tok_s"] = _b1(result, "firebolt", "bound_tok_s")
+    ttft = _ratio(_b1(result, "firebolt", "ttft_s"), _b1(result, "lfm2_vl", "ttft_s"))
+    t["ttft_vs_lfm2_vl"] = _target("ttft_vs_lfm2_vl", ttft)
+    if ttft is not None:
+        t["ttft_vs_lfm2_vl"]["with_preprocess"] = _ratio(_b1(result, "firebolt", "ttft_with_preprocess_s"),
+                                                         _b1(result, "lfm2_vl", "ttft_with_preprocess_s"))
+        t["ttft_vs_lfm2_vl"]["paired_median"] = _paired(result, "firebolt", "lfm2_vl", "ttft_s")
+    if dev.type == "cuda":
+        t["gpu_decode_tok_s_batch1"] = _target("gpu_decode_tok_s_batch1", fb)
+        b32 = result["variants"].get("firebolt", {}).get("batches", {}).get("32")
+        t["gpu_decode_tok_s_batch32"] = _target("gpu_decode_tok_s_batch32",
+                                                b32["decode_tok_s"]["median"] if b32 else None)
+    else:
+        note = "no GPU in this run"
+        t["gpu_decode_tok_s_batch1"] = _target("gpu_decode_tok_s_batch1", None, note)
+        t["gpu_decode_tok_s_batch32"] = _target("gpu_decode_tok_s_batch32", None, note)
+    if preset != "paper":
+        for k in ("decode_vs_lfm2", "decode_vs_nocache", "bandwidth_fraction", "ttft_vs_lfm2_vl"):
+            t[k]["note"] = "targets are defined for --preset paper; tiny-preset figures are for smoke testing"
+    return t
+
+
+def _geometry(suite) -> dict | None:
+    v = suite.variants.get("firebolt") or suite.variants.get("prepend")
+    if v is None:
+        return None
+    c = v.model.config
+    return {"image_size": c.image_size, "tile_size": c.tile_size, "tile_overlap": c.tile_overlap,
+            "grid": f"{c.grid_rows}x{c.grid_cols}", "global_view": c.add_global_view, "view_size": c.view_size,
+            "grids": c.num_grids}
+
+
+def _kernel_report() -> dict:
+    """Which optional fused kernels are importable (transformers' LFM2 and our Mamba use them when present)."""
+    out = {}
+    for mod in ("causal_conv1d", "mamba_ssm"):
+        try:
+            __import__(mod)
+            out[mod] = True
+        except Exception:
+            out[mod] = False
+    return out
+
+
+def summary_line(result: dict) -> str:
+    """The one-line JSON summary printed last: key figures at the smallest batch, targets, output paths."""
+    b0 = str(min(result["settings"]["batch_sizes"]))
+    variants = {}
+    for n, e in result["variants"].items():
+        x = e["batches"].get(b0) or next(iter(e["batches"].values()), None)
+        if not x:
+            continue
+        variants[n] = {
+            "ttft_s": x["ttft_s"]["median"],
+            "decode_tok_s": x["decode_tok_s"]["median"],
+            "e2e_s": x["e2e_s"]["median"],
+            "new_tokens": x["new_tokens"],
+            "peak_mem_mb": x["peak_mem_mb"]["median"],
+            "bound_fraction": x.get("bound_fraction"),
+        }
+    summary = {
+        "schema": result["schema"],
+        "preset": result["preset"],
+        "device": result["device"],
+        "dtype": result["dtype"],
+        "batch": int(b0),
+        "bandwidth_gbps": result["bandwidth"]["used_gbps"],
+        "variants": variants,
+        "targets": {k: {"value": v["value"], "target": v["target"], "met": v["met"]} for k, v in result["targets"].items()},
+        "results": result["results_path"],
+        "plots": result["plots"],
+        "wall_s": result["wall_s"],
+    }
+    return json.dumps(summary)

@@ -1,0 +1,104 @@
+"""`firebolt demo`: the quick pipeline end to end (structure only, no accuracy), and its building blocks."""
+
+import json
+
+import pytest
+import torch
+
+
+def test_quadrant_phrases_and_view_texts():
+    from firebolt.demo.vision_pretrain import EMPTY_TILE, quadrant_phrases, view_texts
+
+    cap = ("a bar chart with bars joe, eva and bob at the top left, the word 'cat' in blue at the top right, "
+           "a red circle at the top right, an orange star at the bottom right.")
+    per = quadrant_phrases(cap)
+    assert per["top left"] == ["a bar chart with bars joe, eva and bob"]
+    assert per["top right"] == ["the word 'cat' in blue", "a red circle"]
+    assert per["bottom left"] == []
+    assert per["bottom right"] == ["an orange star"]
+    texts = view_texts(cap, 5, grid_2x2=True, global_view=True)
+    assert texts[0] == cap
+    assert texts[1:] == ["a bar chart with bars joe, eva and bob", "the word 'cat' in blue, a red circle", EMPTY_TILE,
+                         "an orange star"]
+
+
+def test_sigmoid_loss_prefers_matching_pairs():
+    from firebolt.demo.vision_pretrain import sigmoid_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    scale, bias = torch.tensor(2.3), torch.tensor(-5.0)
+    eye = torch.eye(4, dtype=torch.bool)
+    aligned = sigmoid_loss(x, x, eye, scale, bias)
+    shuffled = sigmoid_loss(x, x.roll(1, 0), eye, scale, bias)
+    assert aligned < shuffled
+    # duplicates: identical texts count as positives of each other's views
+    dup = torch.tensor([[True, True], [True, True]])
+    assert sigmoid_loss(x[:2], x[:1].expand(2, -1), dup, scale, bias) < sigmoid_loss(
+        x[:2], x[:1].expand(2, -1), torch.eye(2, dtype=torch.bool), scale, bias)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from firebolt.demo.cli import demo
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert demo(output=str(out), quick=True, no_progress=True) == 0
+    return out
+
+
+def test_quick_demo_report(quick_run):
+    metrics = json.loads((quick_run / "metrics.json").read_text())
+    families = metrics["families"]
+    assert set(families) <= {"attribute", "existence", "counting", "ocr", "position", "chart", "multiple_choice"}
+    assert "existence" in families and "attribute" in families
+    assert set(metrics["accuracy"]) == {"firebolt", "blind", "prepend"}
+    for name, table in metrics["accuracy"].items():
+        assert set(table) == set(families) | {"overall"}
+        assert all(0.0 <= v <= 100.0 for v in table.values())
+        stages = metrics["models"][name]["stages"]
+        assert set(stages) == {"stage1", "stage2"}
+        for s in stages.values():
+            assert s["samples_per_s"] > 0 and s["peak_memory_mb"] > 0
+    assert metrics["gain_over_blind"] == pytest.approx(
+        metrics["accuracy"]["firebolt"]["overall"] - metrics["accuracy"]["blind"]["overall"])
+    assert {"data", "tokenizer", "vision_pretrain", "firebolt", "blind", "prepend", "total"} <= set(metrics["seconds"])
+    assert metrics["example"]["question"] and "answer" in metrics["example"]
+    png = quick_run / "loss_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    n_test = metrics["n_test_questions"]
+    lines = (quick_run / "predictions" / "firebolt.jsonl").read_text().splitlines()
+    assert len(lines) == n_test
+
+
+def test_quick_demo_model_dir_loads_and_cached_decoding_matches_generate(quick_run):
+    from firebolt.demo.pipeline import expand_prompts, greedy_generate
+    from firebolt.hub import load_model_dir
+
+    model, processor = load_model_dir(quick_run / "model")
+    assert model.config.fusion_type == "cmm"
+    images = sorted((quick_run / "data" / "images" / "test").glob("*.png"))[:3]
+    prompts = [processor.build_prompt(q, with_image=True)
+               for q in ("What color is the circle?", "How many shapes are there?", "Is there a red star in the image?")]
+    inputs = processor(prompts, images=[str(p) for p in images])
+    with torch.no_grad():
+        reference = model.generate(**inputs, max_new_tokens=4, ignore_eos=True)
+        x_v = model.encode_images(inputs["pixel_values"])
+        enc = expand_prompts(processor, prompts)
+        assert torch.equal(enc["input_ids"], inputs["input_ids"])
+        # the demo's evaluation path: grid embeddings computed once, then fuse -> prefill -> decode_step
+        ours = greedy_generate(model, enc["input_ids"], enc["attention_mask"], x_v, max_new_tokens=4,
+                               stop_at_eos=False)
+    assert torch.equal(ours, reference)
+
+
+def test_demo_cli_rejects_bad_arguments(tmp_path):
+    from firebolt.cli import build_parser
+    from firebolt.demo.cli import demo
+
+    args = vars(build_parser().parse_args(["demo", "--quick", "--output", str(tmp_path), "--models", "firebolt"]))
+    assert args["quick"] and args["models"] == "firebolt"
+    with pytest.raises(ValueError, match="--models"):
+        demo(output=str(tmp_path), quick=True, models="firebolt,oracle")
+    with pytest.raises(ValueError, match="--n-train"):
+        demo(output=str(tmp_path), quick=True, n_train=0)
