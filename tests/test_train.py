@@ -244,6 +244,41 @@ def test_stream_order_is_deterministic_and_resumable():
     assert sorted(i for i, _ in shard) == list(range(11))  # rank 1 holds entries 1, 3, ..., 21 (local 0..10)
 
 
+def test_stream_over_webdataset_shards_without_length(tmp_path):
+    import io
+    import tarfile
+
+    from firebolt.data import open_dataset
+    from firebolt.train.data import MixedStream
+
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"{shard:05d}.tar", "w") as tar:
+            for i in range(7):
+                buf = io.BytesIO()
+                Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(buf, format="PNG")
+                for ext, payload in (("png", buf.getvalue()), ("txt", f"caption {shard} {i}".encode())):
+                    info = tarfile.TarInfo(f"s{shard}_{i}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    reader = open_dataset(str(tmp_path / "{00000..00001}.tar"))
+    kw = dict(rank=0, world=1, epoch=0, seed=1, source_id=0, window=4, shuffle=True, encode=_enc)
+    full = _order(SourceStream(reader, **kw))
+    assert sorted(i for i, _ in full) == list(range(14))
+    assert _order(SourceStream(reader, num_workers=2, **kw)) == full
+    for k in (2, 3, 9):
+        assert _order(SourceStream(reader, start=full[k][1], **kw)) == full[k + 1:]
+    # two sources mixed: every record of both, each in its own stream order, the draw sequence reproducible
+    lst = ListSource([{"conversations": [], "k": i} for i in range(5)])
+    mix = dict(weights=[14.0, 5.0], rank=0, world=1, epoch=0, seed=1, window=4, shuffle=True, encode=_enc)
+    got = [(e.index, st) for e, st in MixedStream([reader, lst], **mix)]
+    assert len(got) == 19 and got[-1][1]["draws"] == 19
+    prev = [(None, {"positions": [[0, 0], [0, 0]]})] + got[:-1]
+    from_wds = [i for (i, st), (_, before) in zip(got, prev) if st["positions"][0] != before["positions"][0]]
+    assert from_wds == [i for i, _ in full]  # source 0's records come in its own stream order
+    again = [(e.index, st) for e, st in MixedStream([reader, lst], state=got[6][1], **mix)]
+    assert again == got[7:]
+
+
 # ---------------------------------------------------------------------------------------------- training
 def _one_stage(tmp_path, **stage):
     from firebolt.train.recipe import from_dict, StageConfig
@@ -336,7 +371,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tiny_dir):
         "stages": [{
             "name": "only", "data": {"train": ["train.jsonl"], "val": ["val.jsonl"]},
             "lr": {"cmm": 2e-3, "language": 1e-3}, "epochs": 3, "batch_size": 4, "grad_accum": 2,
-            "max_length": 64, "save_every": 2, "eval_every": 3, "log_every": 1, "shuffle_buffer": 5,
+            "max_length": 64, "save_every": 2, "eval_every": 3, "log_every": 3, "shuffle_buffer": 5,
             "optim": {"warmup_steps": 2},
         }],
     }
@@ -360,6 +395,9 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tiny_dir):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     rows_a = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "loss" in r]
     rows_b = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
-    assert rows_a == rows_b and [s for s, _ in rows_a] == list(range(1, 10))  # 3 epochs x 3 steps, exact losses
+    assert rows_a == rows_b and [s for s, _ in rows_a] == [3, 6, 9]  # 3 epochs x 3 steps, exact mean losses
+    val_a = [r for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "val_ppl" in r]
+    val_b = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_ppl" in r]
+    assert [(r["step"], r["val_ppl"]) for r in val_a] == [(r["step"], r["val_ppl"]) for r in val_b]
     state = json.loads((tmp_path / "run" / "only" / "final" / "stage.json").read_text())
     assert state["step"] == 9 and state["epoch"] == 3

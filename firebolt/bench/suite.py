@@ -636,7 +636,9 @@ def build_suite(preset_name: str, device: torch.device, dtype: torch.dtype, name
 
     preset = make_preset(preset_name)
     tok = bench_tokenizer()
-    text = dict(preset.text) if preset.text is not None else tiny_text_config(len(tok), tokenizer=tok)
+    # tiny: a wide initialisation so random models emit varied tokens (the loops' token checks then mean something)
+    text = dict(preset.text) if preset.text is not None else tiny_text_config(len(tok), tokenizer=tok,
+                                                                                initializer_range=0.5)
     image = bench_image(preset.vl_tile)
     image_token_id = tok.convert_tokens_to_ids("<image>")
     suite = Suite(preset, tok, image, QUESTION, {}, device, dtype)

@@ -39,6 +39,9 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the model on a CPU device (default: one fewer than the cores, so the "
+                        "HTTP side keeps a core: on 2 cores, 1 thread served ~10x more requests/s than 2)")
     p.add_argument("--log-level", default="info")
 
 
@@ -61,14 +64,26 @@ def serve(
     max_prompt_tokens: int = 4096,
     max_tokens_limit: int = 2048,
     default_max_tokens: int = 256,
+    threads: int | None = None,
     log_level: str = "info",
 ) -> int:
     """Serve the model over an OpenAI-compatible HTTP API until interrupted."""
     import os
 
+    import torch
     import uvicorn
 
     from .app import ServerConfig, create_app
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    from ..hub import resolve_device
+
+    if resolve_device(device).type == "cpu":
+        # the engine's intra-op threads spin between ops; leave a core to the event loop and image decoding
+        torch.set_num_threads(threads or min(torch.get_num_threads(), max(1, (os.cpu_count() or 2) - 1)))
+    elif threads:
+        torch.set_num_threads(threads)
 
     if allowed_dir is not None and not Path(allowed_dir).is_dir():
         raise NotADirectoryError(f"--allowed-dir is not a directory: {allowed_dir}")

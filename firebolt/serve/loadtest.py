@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-image", action="store_true")
     p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the in-process server")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the in-process server (default: one fewer than the cores)")
     args = p.parse_args(argv)
 
     from PIL import Image, ImageDraw
@@ -107,8 +108,10 @@ def main(argv=None) -> int:
 
         from .app import ServerConfig, start_server
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        import os
+
+        # as `firebolt serve` does on a CPU: leave a core to the HTTP side (and here, to the client)
+        torch.set_num_threads(args.threads or min(torch.get_num_threads(), max(1, (os.cpu_count() or 2) - 1)))
         if args.preset:
             from ..presets import build_tiny
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..processing import IMAGE_TOKEN, load_image
+from ..processing import IMAGE_TOKEN, ImageLoadError, load_image
 
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -145,7 +145,12 @@ def encode_conversation(
                 raise SkipExample("too_long", f"max_length {max_length} cuts through the image tokens")
     if not (labels[1:] != IGNORE_INDEX).any():
         raise SkipExample("too_long" if truncated else "no_target", "no answer token within max_length")
-    pixels = image_to_uint8(processor, image) if image is not None else None
+    pixels = None
+    if image is not None:
+        try:
+            pixels = image_to_uint8(processor, image)
+        except ImageLoadError as e:  # missing / corrupt / too large: counted and skipped, never fatal
+            raise SkipExample("bad_image", str(e)) from None
     return Encoded(ids, labels, min(prompt_len, ids.shape[0]), pixels, truncated)
 
 

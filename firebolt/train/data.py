@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import math
 from collections import Counter
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -133,8 +133,9 @@ class _WindowReader(IterableDataset):
     """Reads the given windows [(slot, start, end)] of a (sharded) reader; in worker `wid` of `nw` only every nw-th
     entry. Yields ("ex", slot, Encoded) and, after each window, ("done", slot, counts) with the skip counters."""
 
-    def __init__(self, reader, windows, encode: Callable[[dict], Encoded]):
+    def __init__(self, reader, windows, encode: Callable[[dict], Encoded], unbounded: bool = False):
         self.reader, self.windows, self.encode = reader, windows, encode
+        self.unbounded = unbounded  # windows go on until the reader runs out (sources without a length)
 
     def __iter__(self):
         it, pending, exhausted, next_start = None, None, False, None
@@ -169,10 +170,8 @@ class _WindowReader(IterableDataset):
             yield "done", slot, dict(counts)
             counts.clear()
             next_start = end
-            if exhausted and self.windows_unbounded:
+            if exhausted and self.unbounded:
                 return
-
-    windows_unbounded = False
 
 
 class _Unbounded:
@@ -198,8 +197,9 @@ class SourceStream:
 
     def __init__(self, reader, *, rank: int, world: int, epoch: int, seed: int, source_id: int, window: int,
                  shuffle: bool, encode: Callable[[dict], Encoded], num_workers: int = 0,
-                 start: tuple[int, int] = (0, 0), length: Optional[int] = None, on_counts=None):
+                 start: tuple[int, int] = (0, 0), on_counts=None, prefetch: int = 64):
         self.base = reader.shard(rank, world) if world > 1 else reader
+        self.prefetch = int(prefetch)  # examples decoded ahead by the workers (about two optimizer steps' worth)
         self.keys = (seed, epoch, source_id, rank)
         self.window, self.shuffle, self.encode = int(window), bool(shuffle), encode
         self.num_workers, self.start = int(num_workers), (int(start[0]), int(start[1]))
@@ -223,13 +223,13 @@ class SourceStream:
     def __iter__(self) -> Iterator[tuple[Encoded, tuple[int, int]]]:
         first_slot, skip = self.start
         windows = self._windows(first_slot)
-        ds = _WindowReader(self.base, windows, self.encode)
-        ds.windows_unbounded = isinstance(windows, _Unbounded)
+        ds = _WindowReader(self.base, windows, self.encode, unbounded=isinstance(windows, _Unbounded))
         nw = max(1, self.num_workers)
         if self.num_workers > 0:
             # an explicit generator: creating a loader iterator must not draw from the global RNG (resume exactness)
+            per_worker = max(2, math.ceil(self.prefetch / self.num_workers))
             self._loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                                      generator=torch.Generator().manual_seed(0), prefetch_factor=4)
+                                      generator=torch.Generator().manual_seed(0), prefetch_factor=per_worker)
             source = iter(self._loader)
         else:
             source = iter(ds)
@@ -287,7 +287,7 @@ class MixedStream:
 
     def __init__(self, readers: list, weights: list[float], *, rank: int, world: int, epoch: int, seed: int,
                  window: int, shuffle: bool, encode, num_workers: int = 0, state: Optional[dict] = None,
-                 on_counts=None):
+                 on_counts=None, prefetch: int = 64):
         n = len(readers)
         st = StreamState.from_dict(state) if state else StreamState(0, [False] * n, [(0, 0)] * n)
         if len(st.positions) != n:
@@ -297,7 +297,7 @@ class MixedStream:
         self.streams = [
             SourceStream(r, rank=rank, world=world, epoch=epoch, seed=seed, source_id=i, window=window,
                          shuffle=shuffle, encode=encode, num_workers=num_workers, start=st.positions[i],
-                         on_counts=on_counts)
+                         on_counts=on_counts, prefetch=prefetch)
             for i, r in enumerate(readers)
         ]
         self._iters: list = [None] * n

@@ -187,7 +187,7 @@ class StageConfig:
             raise RecipeError("lr: every module has learning rate 0, the stage would train nothing")
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
-        """(micro_batch_size, grad_accum) per process for `world_size` processes; raises if batch_size does not split."""
+        """(micro_batch_size, grad_accum) per process for `world_size` processes; raises if the batch does not split."""
         per_rank, rest = divmod(self.batch_size, world_size)
         if rest or per_rank == 0:
             raise RecipeError(f"stage {self.name}: batch_size {self.batch_size} is not a multiple of the "

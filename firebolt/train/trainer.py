@@ -22,6 +22,7 @@ run ends with bit-identical weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -37,10 +38,10 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .collate import IGNORE_INDEX, collate
-from .data import MixedStream, _EncodeFn, open_source, source_length, source_name
+from .data import MixedStream, _EncodeFn, open_source, source_length
 from .dist import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from .optim import apply_trainable, build_optimizer, build_scheduler, param_groups, set_train_modes
-from .recipe import DataSource, Recipe, RecipeError, RuntimeConfig, StageConfig, to_dict
+from .recipe import Recipe, RecipeError, RuntimeConfig, StageConfig, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,19 @@ def _fault_step() -> Optional[int]:
     if spec.startswith("kill_after_step="):
         return int(spec.split("=", 1)[1])
     return None
+
+
+def _activation_checkpointing(lm, on: bool) -> None:
+    """Recompute the decoder's activations in the backward pass (transformers 5 name, with the 4.x fallback)."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        if on:
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.activation_checkpointing_disable()
+    elif on:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_disable()
 
 
 def _unwrap(model):
@@ -299,8 +313,13 @@ def _stage_sources(stage: StageConfig, train_data, val_data, data_root, image_ro
     if not train_specs:
         raise RecipeError(f"stage {stage.name}: no training data; set stages.{stage.name}.data.train in the recipe "
                           f"or pass --data")
-    train = [(open_source(s, data_root, image_root), s) for s in train_specs]
-    val = [open_source(s, data_root, image_root) for s in val_specs]
+    try:
+        train = [(open_source(s, data_root, image_root), s) for s in train_specs]
+        val = [open_source(s, data_root, image_root) for s in val_specs]
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"stage {stage.name}: {e} (relative data paths are resolved against the data root: "
+                                f"{data_root or 'the current directory'}; set --data-root, or --data / --val-data)"
+                                ) from None
     return train, val
 
 
@@ -370,7 +389,7 @@ def run_stage(
         ckpt.remove_partial(ckpt_dir)
         ckpt.remove_partial(out)
     barrier(info)
-    existing = ckpt.latest_checkpoint(ckpt_dir, info.world_size)
+    existing = ckpt.latest_checkpoint(ckpt_dir)  # saves are atomic: a listed checkpoint has every rank's file
     if existing is not None and not resume:
         raise RecipeError(f"{out} already holds checkpoints of stage {stage.name} ({existing.name}); pass resume "
                           f"(--resume) to continue it, or use another output directory")
@@ -396,8 +415,8 @@ def run_stage(
     model.to(device=device, dtype=torch.float32)
     counts = apply_trainable(model, lrs)
     if stage.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    resume_from = ckpt.latest_checkpoint(ckpt_dir, info.world_size) if resume else None
+        _activation_checkpointing(model.language_model, True)
+    resume_from = existing if resume else None
     trainer_state: dict = {}
     rank_state: dict = {}
     optim_file: dict = {}
@@ -470,10 +489,11 @@ def run_stage(
                 "best_val_ppl": best_ppl, "best_step": best_step, "last_val": last_val, "seed": seed,
                 "stage_config": to_dict(stage)}
 
-    def save(kind: str) -> Path:
-        """kind "step": a checkpoint; also handles the `best` model directory."""
+    def save() -> Path:
+        """A step checkpoint (every process calls this)."""
         state = stage_state()
-        rank_payload = {"rng": ckpt.capture_rng(), "data": data_state, "epoch": epoch}
+        rank_payload = {"rng": ckpt.capture_rng(), "data": data_state, "epoch": epoch,
+                        "log": [log_nll, log_tok]}  # the partial logging window, so resumed rows match too
         return ckpt.save_checkpoint(ckpt_dir, step, model=wrapped, unwrapped=model, processor=processor,
                                     optimizer=optimizer, scheduler=scheduler, trainer_state=state,
                                     rank_state=rank_payload, info=info, keep_last=stage.keep_last, fsdp=fsdp)
@@ -509,7 +529,8 @@ def run_stage(
     kill_after = _fault_step()
     bar = tqdm(total=stop_step or total_steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True,
                disable=not (runtime.progress and info.is_main))
-    log_nll, log_tok, log_steps, nonfinite = 0.0, 0, 0, 0
+    log_nll, log_tok = rank_state.get("log", [0.0, 0])
+    nonfinite = 0
     train_time, run_samples, run_tokens = 0.0, 0, 0
     last_saved = step if resume_from is not None else -1
     last_validated = last_val.get("step", -1)
@@ -523,7 +544,8 @@ def run_stage(
     while not finished and (n_epochs is None or epoch < n_epochs):
         stream = MixedStream(readers, weights, rank=info.rank, world=info.world_size, epoch=epoch, seed=seed,
                              window=stage.shuffle_buffer, shuffle=stage.shuffle, encode=encode,
-                             num_workers=runtime.num_workers, state=data_state, on_counts=on_counts)
+                             num_workers=runtime.num_workers, state=data_state, on_counts=on_counts,
+                             prefetch=2 * micro * accum)
         it = iter(stream)
         epoch_done, steps_this_epoch = False, 0
         while not epoch_done:
@@ -583,7 +605,6 @@ def run_stage(
             tokens_seen += int(n_global)
             log_nll += step_nll
             log_tok += n_local
-            log_steps += 1
             train_time += time.perf_counter() - t0
             bar.update(1)
 
@@ -601,12 +622,12 @@ def run_stage(
                        "time": round(time.perf_counter() - stage_start, 3)}
                 metrics.write(row)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lr.values()):.2e}")
-                log_nll, log_tok, log_steps = 0.0, 0, 0
+                log_nll, log_tok = 0.0, 0
             if stage.eval_every and step % stage.eval_every == 0:
                 validate()
                 last_validated = step
             if stage.save_every and step % stage.save_every == 0:
-                save("step")
+                save()
                 last_saved = step
             if kill_after is not None and step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -624,7 +645,7 @@ def run_stage(
             epoch += 1
             data_state = None
             if last_saved != step:
-                save("step")
+                save()
                 last_saved = step
     bar.close()
 
@@ -632,7 +653,7 @@ def run_stage(
     if last_validated != step:
         validate()
     if last_saved != step:
-        save("step")
+        save()
     best_dir = ckpt.resolve_dir(out / "best")
     use_best = best_dir is not None and best_step is not None and best_step != step
     if use_best and not fsdp:
@@ -690,7 +711,7 @@ def run_stage(
               f"{mem:.0f} MiB ({mem_kind}); best val ppl {best_ppl if best_ppl is None else round(best_ppl, 4)}"
               f"{'; data: ' + json.dumps(skipped) if skipped else ''}; final model: {out / 'final'}", flush=True)
     if stage.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_disable()
+        _activation_checkpointing(model.language_model, False)
     return result
 
 
@@ -769,7 +790,9 @@ def run_recipe(recipe: Recipe, output_dir, *, model=None, stages: Optional[list[
         names = [s.name for s in recipe.stages]
         selected = names if not stages else [recipe.stage(n).name for n in stages]
         selected = [n for n in names if n in selected]  # recipe order
-        data_root = data_root or recipe.data_root
+        if data_root:
+            recipe = dataclasses.replace(recipe, data_root=data_root)  # recorded in recipe.yaml
+        data_root = recipe.data_root
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             _write_recipe(recipe, out, resume)
@@ -798,6 +821,10 @@ def run_recipe(recipe: Recipe, output_dir, *, model=None, stages: Optional[list[
                     print(f"[{name}] note: no earlier stage result in {out}; starting from "
                           f"{'the recipe model' if recipe.model.preset or recipe.model.vision else 'nothing'}")
             stage_seed = recipe.seed + 7919 * names.index(name)
+            latest = ckpt.latest_checkpoint(stage_dir / "checkpoints") if resume else None
+            if latest is not None:
+                # the checkpoint is a full model directory: no need to rebuild the start model (or reach the hub)
+                current = str(latest)
             m, processor = load_start_model(current, recipe, seed=recipe.seed, workdir=out, info=info)
             results[name] = run_stage(m, processor, stage, stage_dir, runtime=recipe.runtime, seed=stage_seed,
                                       resume=resume, metrics_path=out / "metrics.jsonl", data_root=data_root,
