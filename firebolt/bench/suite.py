@@ -611,15 +611,23 @@ class Suite:
     notes: list = field(default_factory=list)
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """int8 weights for CPU: dynamic quantization of every nn.Linear (torch.ao; activations quantized per batch)."""
+def quantize_int8(parent: nn.Module, names: list[str]) -> None:
+    """int8 weights for CPU: dynamic quantization (torch.ao; int8 weights, activations quantized on the fly) of every
+    nn.Linear inside the children `names` of `parent` -- the decoding path (decoder, fusion module). Vision towers stay
+    in floating point: they run once per image, and SigLIP2 reads its patch embedding's weight dtype."""
     import warnings
 
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        for name in names:
+            child = getattr(parent, name, None)
+            if child is None:
+                continue
+            holder = nn.ModuleDict({"m": child})  # lets a bare nn.Linear child be swapped too
+            quantize_dynamic(holder, {nn.Linear}, dtype=torch.qint8, inplace=True)
+            setattr(parent, name, holder["m"])
 
 
 def build_suite(preset_name: str, device: torch.device, dtype: torch.dtype, names: list[str], int8: bool = False,
@@ -645,10 +653,11 @@ def build_suite(preset_name: str, device: torch.device, dtype: torch.dtype, name
     if int8 and device.type != "cpu":
         raise ValueError("--int8 (dynamic quantization of nn.Linear) is a CPU option")
 
-    def finish(model):
+    def finish(model, int8_targets):
         model = model.eval().to(device=device, dtype=dtype)
         if int8:
-            model = quantize_int8(model)
+            for parent, names in int8_targets(model):
+                quantize_int8(parent, names)
         return model
 
     def timed(name, fn):
@@ -663,7 +672,8 @@ def build_suite(preset_name: str, device: torch.device, dtype: torch.dtype, name
         torch.manual_seed(seed)
         cfg = FireboltConfig(vision_config=dict(preset.vision), text_config=dict(text), image_token_id=image_token_id,
                              fusion_type=fusion_type, **preset.firebolt)
-        model = finish(FireboltForConditionalGeneration(cfg))
+        model = finish(FireboltForConditionalGeneration(cfg),
+                       lambda m: [(m, ["language_model", "cmm" if m.cmm is not None else "projector"])])
         return model, FireboltProcessor.from_config(cfg, tok)
 
     fb = None
@@ -683,7 +693,8 @@ def build_suite(preset_name: str, device: torch.device, dtype: torch.dtype, name
             cfg = Lfm2VlConfig(vision_config=dict(preset.vl_vision), text_config=dict(text),
                                image_token_id=image_token_id, projector_hidden_size=preset.vl_projector_hidden,
                                downsample_factor=preset.vl_downsample)
-            return finish(Lfm2VlForConditionalGeneration(cfg))
+            return finish(Lfm2VlForConditionalGeneration(cfg),
+                          lambda m: [(m.model, ["language_model", "multi_modal_projector"]), (m, ["lm_head"])])
 
         model = timed("lfm2_vl", vl)
         proc = fb.processor if fb is not None else FireboltProcessor(tok)
@@ -691,7 +702,8 @@ def build_suite(preset_name: str, device: torch.device, dtype: torch.dtype, name
     if "lfm2" in names:
         def lm():
             torch.manual_seed(seed)
-            return finish(AutoModelForCausalLM.from_config(AutoConfig.for_model(**text)))
+            return finish(AutoModelForCausalLM.from_config(AutoConfig.for_model(**text)),
+                          lambda m: [(m, ["model", "lm_head"])])
 
         model = timed("lfm2", lm)
         proc = fb.processor if fb is not None else FireboltProcessor(tok)

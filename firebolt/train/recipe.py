@@ -321,7 +321,7 @@ def _convert(value, tp, where: str):
         return from_dict(tp, value, where)
     if origin is list:
         (item,) = typing.get_args(tp)
-        if dataclasses.is_dataclass(item) and not isinstance(value, list):
+        if item is DataSource and not isinstance(value, list):
             value = [value]  # a single source may be written without a list
         if not isinstance(value, list):
             raise RecipeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")

@@ -477,7 +477,9 @@ def run_stage(
     if info.is_main:
         trained = ", ".join(f"{m} {n / 1e6:.2f}M @ lr {lrs[m]:g}" for m, n in counts.items() if n)
         print(f"[{stage.name}] training {trained}; {info.world_size} process(es) x micro-batch {micro} x accumulation "
-              f"{accum} = batch {stage.batch_size}; {total_steps} steps ({spe} per epoch); device {device}", flush=True)
+              f"{accum} = batch {stage.batch_size}; {total_steps} steps ({spe} per epoch); device {device}"
+              f"{'' if device.type == 'cuda' or runtime.precision == 'fp32' else ' (bf16 autocast is for CUDA: fp32 here)'}",
+              flush=True)
 
     encode = _EncodeFn(processor, stage.max_length, stage.loss_on)
     weights = _weights(train, info.world_size)
