@@ -149,6 +149,8 @@ class CrossModalModulator(nn.Module):
         parameters are a G-term weighted sum of these rows instead of two (D x 2D) matrix-vector products (which
         would read 2 x 2 D^2 weights per token). Rows without an image: V' = 0, every row of the table is b = film(0).
         """
+        if memory.film_tables is not None and torch.compiler.is_compiling():
+            return memory.film_tables  # inside a compiled decoding step: tables made eagerly, weights frozen
         key = tuple((p.data_ptr(), p._version) for p in (*self.film_in.parameters(), *self.film_out.parameters()))
         if memory.film_tables is None or memory.film_key != key:
             v = memory.values * memory.present.view(-1, 1, 1).to(memory.values.dtype)  # (B, G, D)

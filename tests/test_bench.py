@@ -139,3 +139,30 @@ def test_cmm_step_with_film_tables_matches_forward(ssm):
         a, _ = cmm.step(x_t[:, 4], memory, state)
     b, _ = cmm.step(x_t[:, 4], memory, state)  # grad enabled: the matrix path
     torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_s4_short_sequence_scan_matches_the_kernel_path(dtype):
+    """At inference short inputs run the S4 recurrence instead of building the length-L kernel: same outputs and
+    states, with padding (left and interior) and a carried state."""
+    from firebolt.ssm.s4 import S4Block
+
+    torch.manual_seed(0)
+    s4 = S4Block(16, d_state=8).eval().to(dtype)
+    x = torch.randn(3, 9, 16, dtype=dtype)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    mask[2, 4] = 0  # a hole
+    state = s4.init_state(3)
+    state[0].normal_()
+    kernel = S4Block(16, d_state=8).eval().to(dtype)
+    kernel.load_state_dict(s4.state_dict())
+    kernel.scan_max_tokens = 0  # force the FFT/generating-function path
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    with torch.no_grad():
+        for kw in ({}, {"mask": mask}, {"mask": mask, "state": state}, {"state": state}):
+            y1, s1 = s4(x, **kw)
+            y2, s2 = kernel(x, **kw)
+            real = kw.get("mask", torch.ones(3, 9)).bool()
+            torch.testing.assert_close(y1[real].float(), y2[real].float(), **tol)
+            torch.testing.assert_close(s1[0], s2[0], atol=1e-4, rtol=1e-4)

@@ -401,3 +401,36 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tiny_dir):
     assert [(r["step"], r["val_ppl"]) for r in val_a] == [(r["step"], r["val_ppl"]) for r in val_b]
     state = json.loads((tmp_path / "run" / "only" / "final" / "stage.json").read_text())
     assert state["step"] == 9 and state["epoch"] == 3
+
+
+def test_recipe_stages_hand_over_and_resume_skips_finished(tmp_path, tiny_dir, capsys):
+    from firebolt.hub import load_model_dir
+    from firebolt.train import run_recipe
+
+    write_llava(tmp_path / "data", 8)
+    stage = {"data": {"train": ["train.jsonl"]}, "batch_size": 4, "max_steps": 2, "max_length": 64,
+             "optim": {"warmup_steps": 0}}
+    recipe = recipe_from_dict({"name": "two", "runtime": {"progress": False}, "stages": [
+        {"name": "first", "lr": {"cmm": 1e-3}, **stage},
+        {"name": "second", "lr": {"cmm": 1e-3, "language": 1e-3}, **stage}]})
+    out = tmp_path / "run"
+    results = run_recipe(recipe, out, model=str(tiny_dir), data_root=str(tmp_path / "data"))
+    assert f"[second] starting from {out / 'first' / 'final'}" in capsys.readouterr().out
+    assert list(results) == ["first", "second"] and results["second"]["steps"] == 2
+    first, _ = load_model_dir(out / "first" / "final")
+    second, _ = load_model_dir(out / "second" / "final")
+    start, _ = load_model_dir(tiny_dir)
+    emb = "language_model.model.embed_tokens.weight"
+    assert torch.equal(first.state_dict()[emb], start.state_dict()[emb])  # stage 1 froze the decoder
+    assert not torch.equal(second.state_dict()[emb], first.state_dict()[emb])
+    assert torch.equal(second.state_dict()["vision.encoder.embeddings.patch_embedding.weight"],
+                       start.state_dict()["vision.encoder.embeddings.patch_embedding.weight"])
+    cmm = "cmm.q_proj.weight"
+    assert not torch.equal(first.state_dict()[cmm], start.state_dict()[cmm])
+    saved = (out / "recipe.yaml").read_text()
+    assert "data_root: " + str(tmp_path / "data") in saved
+    with pytest.raises(RecipeError, match="already finished"):
+        run_recipe(recipe, out, model=str(tiny_dir))
+    capsys.readouterr()
+    assert run_recipe(recipe, out, model=str(tiny_dir), resume=True) == {}
+    assert "already done" in capsys.readouterr().out

@@ -263,6 +263,10 @@ class FireboltVariant(Variant):
             for buf, t in zip(self._buffers[key], state):
                 buf.copy_(t)
             state = self._buffers[key]
+        if memory is not None and callable(getattr(self.model.cmm, "film_tables", None)):
+            self.model.cmm.film_tables(memory)  # made eagerly, before the compiled step reads them
+        if self.model.cmm is not None and callable(getattr(self.model.cmm.ssm, "_step_params", None)):
+            self.model.cmm.ssm._step_params()  # the SSM's cached step matrices, likewise
         out = self.model.language_model(inputs_embeds=embeds, attention_mask=mask,
                                         position_ids=self.model._positions(mask), past_key_values=lm_cache,
                                         use_cache=True, logits_to_keep=1)

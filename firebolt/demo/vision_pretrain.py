@@ -61,6 +61,7 @@ class VisionPretrainConfig:
     weight_decay: float = 0.05
     warmup_ratio: float = 0.08
     max_steps: Optional[int] = None
+    global_pairs: bool = True  # also pair the global view with the whole caption (else tiles only)
 
 
 # ---------------------------------------------------------------------------------------------- captions -> texts
@@ -166,7 +167,7 @@ def pretrain_vision(
     pairs = []  # (image index, view index, text id)
     for i, cap in enumerate(captions):
         for g, t in enumerate(view_texts(cap, G, grid_2x2, bool(geometry.add_global_view))):
-            if t is not None:
+            if t is not None and (cfg.global_pairs or g > 0 or not geometry.add_global_view):
                 pairs.append((i, g, text_ids.setdefault(t, len(text_ids))))
     texts = list(text_ids)
     pad = tokenizer.pad_token_id

@@ -83,13 +83,4 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
-def broadcast_object(obj, info: DistInfo):
-    """rank 0's object on every rank."""
-    if not info.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=info.device if info.device.type == "cuda" else None)
-    return box[0]
-
-
-__all__ = ["DistInfo", "init_distributed", "shutdown", "barrier", "all_reduce_sum", "broadcast_object"]
+__all__ = ["DistInfo", "init_distributed", "shutdown", "barrier", "all_reduce_sum"]

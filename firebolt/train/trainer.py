@@ -64,13 +64,17 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row, default=float) + "\n")
 
-    def drop_after(self, stage: str, step: int) -> None:
-        """On resume: forget rows of `stage` logged after `step` (they will be logged again)."""
+    def drop_after(self, stage: str, step: int, val_step: int) -> None:
+        """On resume from checkpoint `step`: forget rows of `stage` logged after it, and validation rows after
+        `val_step` (the last validation the checkpoint knows of); the resumed run logs them again."""
         if not self.enabled or not self.path.is_file():
             return
         from ..processing import atomic_write_text
 
-        rows = [r for r in read_metrics(self.path) if not (r.get("stage") == stage and r.get("step", 0) > step)]
+        def stale(r):
+            return r.get("stage") == stage and r.get("step", 0) > (val_step if "val_ppl" in r else step)
+
+        rows = [r for r in read_metrics(self.path) if not stale(r)]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -468,7 +472,7 @@ def run_stage(
     data_counts: Counter = Counter()
     metrics = MetricsLog(metrics_path or out / "metrics.jsonl", info.is_main)
     if resume_from is not None:
-        metrics.drop_after(stage.name, step)
+        metrics.drop_after(stage.name, step, last_val.get("step", -1))
         if info.is_main:
             print(f"[{stage.name}] resuming from {resume_from} (step {step}, epoch {epoch})", flush=True)
         ckpt.restore_rng(rank_state["rng"])
@@ -476,9 +480,9 @@ def run_stage(
         ckpt.seed_everything(seed + 1000 * info.rank)
     if info.is_main:
         trained = ", ".join(f"{m} {n / 1e6:.2f}M @ lr {lrs[m]:g}" for m, n in counts.items() if n)
+        fp32_note = "" if device.type == "cuda" or runtime.precision == "fp32" else " (bf16 autocast is CUDA-only: fp32)"
         print(f"[{stage.name}] training {trained}; {info.world_size} process(es) x micro-batch {micro} x accumulation "
-              f"{accum} = batch {stage.batch_size}; {total_steps} steps ({spe} per epoch); device {device}"
-              f"{'' if device.type == 'cuda' or runtime.precision == 'fp32' else ' (bf16 autocast is for CUDA: fp32 here)'}",
+              f"{accum} = batch {stage.batch_size}; {total_steps} steps ({spe} per epoch); device {device}{fp32_note}",
               flush=True)
 
     encode = _EncodeFn(processor, stage.max_length, stage.loss_on)
@@ -817,8 +821,6 @@ def run_recipe(recipe: Recipe, output_dir, *, model=None, stages: Optional[list[
                 prev = [n for n in names[:idx] if stage_done(out / n)]
                 if prev:
                     current = str(ckpt.resolve_dir(out / prev[-1] / "final"))
-                    if info.is_main:
-                        print(f"[{name}] starting from {current}", flush=True)
                 elif idx > 0 and info.is_main:
                     print(f"[{name}] note: no earlier stage result in {out}; starting from "
                           f"{'the recipe model' if recipe.model.preset or recipe.model.vision else 'nothing'}")
@@ -827,6 +829,8 @@ def run_recipe(recipe: Recipe, output_dir, *, model=None, stages: Optional[list[
             if latest is not None:
                 # the checkpoint is a full model directory: no need to rebuild the start model (or reach the hub)
                 current = str(latest)
+            if info.is_main and isinstance(current, str):
+                print(f"[{name}] starting from {current}", flush=True)
             m, processor = load_start_model(current, recipe, seed=recipe.seed, workdir=out, info=info)
             results[name] = run_stage(m, processor, stage, stage_dir, runtime=recipe.runtime, seed=stage_seed,
                                       resume=resume, metrics_path=out / "metrics.jsonl", data_root=data_root,
