@@ -32,7 +32,9 @@ def add_bench_arguments(p) -> None:
                    help="tokens per run of the no-cache decoding (default: 16 for paper on CPU, else min(new, 64))")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per variant (short, 4 tokens)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per variant")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, cores))")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for tiny, min(2, cores) for paper; on a busy shared machine 1 "
+                        "is often faster)")
     p.add_argument("--int8", action="store_true", help="CPU: int8 weights (dynamic quantization of every nn.Linear)")
     p.add_argument("--compile", default="auto",
                    choices=["auto", "off", "static", "default", "reduce-overhead", "max-autotune"],

@@ -108,7 +108,9 @@ def run_bench(
     dev = resolve_device(device)
     dt = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt]
-    n_threads = threads or min(2, os.cpu_count() or 1)
+    # tiny matrices gain nothing from a second thread, and on a busy machine an OpenMP team waiting for a descheduled
+    # thread stalls every small op: the tiny preset runs single-threaded unless told otherwise
+    n_threads = threads or (1 if preset == "tiny" else min(2, os.cpu_count() or 1))
     torch.set_num_threads(n_threads)
     batches = _parse_ints(batch_sizes, "--batch-sizes") or ([1, 32] if dev.type == "cuda" else [1])
     names = [x for x in (variants.split(",") if isinstance(variants, str) else (variants or VARIANT_NAMES)) if x]
@@ -170,10 +172,12 @@ def run_bench(
     }
     notes = result["notes"]
     if dev.type != "cuda":
+        where = ("a GPU is available but this run used the CPU" if torch.cuda.is_available()
+                 else "no GPU on this machine (none was lent to this task)")
         result["gpu"] = {"available": torch.cuda.is_available(),
-                         "note": "no GPU was used by this run (none is lent to this machine); the CUDA path "
-                                 "(bf16, static cache + torch.compile mode reduce-overhead = CUDA graphs, allocator "
-                                 "peak memory, batch 1 and 32) exists: run `firebolt bench --preset paper --device cuda`"}
+                         "note": f"no GPU figures: {where}. The CUDA path (bf16, static cache + torch.compile mode "
+                                 "reduce-overhead = CUDA graphs, allocator peak memory, batch 1 and 32) exists: "
+                                 "`firebolt bench --preset paper --device cuda --output DIR`"}
     if "firebolt_nocache" in suite.variants:
         notes.append(f"firebolt_nocache decodes {n_nocache} tokens per run instead of {new_tokens} (it recomputes "
                      "vision, CMM and the whole prefix per token); its rates are per token over those tokens, measured "
@@ -314,6 +318,7 @@ def run_bench(
                                         progress=lambda s: _log(f"[bench] scaling {s}"))
 
     result["targets"] = _targets(result, batches, dev, preset)
+    result["machine"]["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result["wall_s"] = time.perf_counter() - wall0
     if preset == "tiny":
         result["targets"]["tiny_wall_s"] = _target("tiny_wall_s", result["wall_s"],

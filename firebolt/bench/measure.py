@@ -4,9 +4,10 @@ Glossary
     B   batch rows      N   new tokens      GB  10^9 bytes      MB  2^20 bytes
 
 Peak memory is the resident set size (RSS) high-water mark on CPU (the Linux `VmHWM` counter, reset through
-`/proc/self/clear_refs` before each measured run) and the caching allocator's peak on CUDA. Bandwidth is what a
-read-only reduction (`sum`) and a copy over buffers far larger than the last-level cache achieve with the benchmark's
-own thread count: the ceiling that batch-1 decoding, a read of every weight per token, can approach.
+`/proc/self/clear_refs` before each measured run) and the caching allocator's peak on CUDA. Bandwidth is what
+read-only kernels (a reduction and a matrix-vector product; the faster counts) achieve over buffers far larger than
+the last-level cache with the benchmark's own thread count: the ceiling that batch-1 decoding, a read of every weight
+per token, can approach.
 """
 
 from __future__ import annotations
@@ -135,44 +136,61 @@ def _time_best(fn, device, repeats: int) -> list[float]:
     return times
 
 
+def _read_kernels(x: torch.Tensor):
+    """Two read-only kernels over the buffer x: a reduction and a matrix-vector product (the decoding access pattern,
+    through the same BLAS the model's Linear layers use)."""
+    W = x.view(-1, 1024)  # (n / 1024, 1024)
+    v = torch.ones(1024, dtype=x.dtype, device=x.device)
+    return {"sum": lambda: x.sum(), "gemv": lambda: torch.mv(W, v)}
+
+
 def measure_bandwidth(device: torch.device | str = "cpu", size_mb: int = 1024, repeats: int = 5) -> dict:
     """Memory bandwidth in GB/s (10^9 bytes/s) with the current thread count.
 
-    read: `x.sum()` over a size_mb fp32 buffer (reads every byte once; the access pattern of a batch-1 decoding step,
-    which reads each weight once); copy: `y.copy_(x)` counted as read + write. Best and median of `repeats`.
-    The buffer (1 GiB by default) is far larger than the last-level cache, so this is DRAM (or HBM) bandwidth.
+    read: the faster of `x.sum()` and `W @ v` (W = x viewed as (n/1024, 1024)) over a size_mb fp32 buffer -- both read
+    every byte once, like a batch-1 decoding step reads every weight once; copy: `y.copy_(x)` counted as read + write.
+    Best and median of `repeats`. The buffer (1 GiB by default) is far larger than the last-level cache, so this is
+    DRAM (or HBM) bandwidth.
     """
     device = torch.device(device)
     n = size_mb * MB // 4
     x = torch.ones(n, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
-    x.sum()  # fault the pages in / warm the kernels
-    y.copy_(x)
-    read = _time_best(lambda: x.sum(), device, repeats)
-    copy = _time_best(lambda: y.copy_(x), device, repeats)
     nbytes = n * 4
+    out = {}
+    for name, fn in _read_kernels(x).items():
+        fn()  # fault the pages in / warm the kernels
+        times = _time_best(fn, device, repeats)
+        out[f"{name}_gbps"] = nbytes / min(times) / 1e9
+        out[f"{name}_gbps_median"] = nbytes / statistics.median(times) / 1e9
+    y.copy_(x)
+    copy = _time_best(lambda: y.copy_(x), device, repeats)
     del x, y
+    best = max(("sum", "gemv"), key=lambda k: out[f"{k}_gbps"])
     return {
-        "read_gbps": nbytes / min(read) / 1e9,
-        "read_gbps_median": nbytes / statistics.median(read) / 1e9,
+        "read_gbps": out[f"{best}_gbps"],
+        "read_gbps_median": out[f"{best}_gbps_median"],
+        "read_kernel": best,
+        **out,
         "copy_gbps": 2 * nbytes / min(copy) / 1e9,
         "copy_gbps_median": 2 * nbytes / statistics.median(copy) / 1e9,
         "buffer_mb": size_mb,
         "threads": torch.get_num_threads(),
-        "method": "fp32 tensor sum (read) and copy (read+write), best of %d" % repeats,
+        "method": "fp32 read kernels (sum, gemv; the faster counts) and copy (read+write), best of %d" % repeats,
     }
 
 
 def quick_read_bandwidth(device: torch.device | str = "cpu", size_mb: int = 512, repeats: int = 3) -> float:
-    """A short read-bandwidth sample (GB/s, best of `repeats`), taken between repetitions to follow a shared
-    machine's load."""
+    """A short read-bandwidth sample (GB/s, the faster of sum and gemv, best of `repeats`), taken between
+    repetitions to follow a shared machine's load."""
     device = torch.device(device)
     x = torch.ones(size_mb * MB // 4, dtype=torch.float32, device=device)
-    x.sum()
-    t = min(_time_best(lambda: x.sum(), device, repeats))
-    nbytes = x.numel() * 4
+    best = 0.0
+    for fn in _read_kernels(x).values():
+        fn()
+        best = max(best, x.numel() * 4 / min(_time_best(fn, device, repeats)) / 1e9)
     del x
-    return nbytes / t / 1e9
+    return best
 
 
 # ---------------------------------------------------------------------------------------------------- streaming

@@ -11,7 +11,8 @@ grid embeddings are random (1, G, D_v) tensors, so each point times exactly what
                         SSM; the decoder sees T + 1 tokens whatever G is
     prepend (1/grid)    fusion: MLP projector per grid; the decoder sees T + G tokens
     lfm2_vl (256/tile)  LFM2-VL's layout: n = 256 image tokens per 512 px tile (projector over the unshuffled patch
-                        grid); the decoder sees T + n G tokens, and attention makes that superlinear
+                        grid); the decoder sees T + n G tokens, and attention makes that superlinear (G <= 11: its
+                        processor makes at most 10 tiles + a thumbnail)
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def _lfm2_vl_point(variant, text_ids, G: int, device, repeats: int) -> dict:
     return {"fusion_s": f, "prefill_s": pf, "total_s": f + pf, "decoder_tokens": int(ids.shape[1]), "image_tokens": n * G}
 
 
+LFM2_VL_MAX_TILES = 11  # Lfm2VlImageProcessor: max_tiles 10, plus the thumbnail
 POINTS = {"firebolt": _firebolt_point, "prepend": _prepend_point, "lfm2_vl": _lfm2_vl_point}
 
 
@@ -156,6 +158,8 @@ def run_scaling(suite, lengths: list[int], grids: list[int], grid_text_tokens: i
             continue
         rows = []
         for G in grids:
+            if name == "lfm2_vl" and G > LFM2_VL_MAX_TILES:
+                continue  # LFM2-VL splits an image into at most 10 tiles + a thumbnail
             rows.append({"grids": G, "text_tokens": grid_text_tokens,
                          **POINTS[name](suite.variants[name], texts[grid_text_tokens], G, device, repeats)})
             if progress:

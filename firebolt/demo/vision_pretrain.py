@@ -65,22 +65,32 @@ class VisionPretrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- captions -> texts
+def caption_phrases(caption: str) -> list[tuple[str, str]]:
+    """The phrases of a synthetic caption with their quadrant, in caption order:
+    "a red circle at the top left, a blue star at the bottom right." -> [("a red circle", "top left"), ...]."""
+    return [(m.group(1).strip(), m.group(2)) for m in _PHRASE.finditer(caption.strip())]
+
+
 def quadrant_phrases(caption: str) -> dict[str, list[str]]:
     """Split a synthetic caption into its phrases per quadrant, without the location:
     "a red circle at the top left, a blue star at the top left." -> {"top left": ["a red circle", "a blue star"]}."""
     out: dict[str, list[str]] = {q: [] for q in _QUADRANTS}
-    for m in _PHRASE.finditer(caption.strip()):
-        out[m.group(2)].append(m.group(1).strip())
+    for phrase, quadrant in caption_phrases(caption):
+        out[quadrant].append(phrase)
     return out
 
 
-def view_texts(caption: str, n_views: int, grid_2x2: bool, global_view: bool) -> list[Optional[str]]:
-    """The text of each of the G views (global first), None where no text applies (tiles of other grids)."""
-    texts: list[Optional[str]] = [caption.strip()] if global_view else []
+def view_texts(caption: str, n_views: int, grid_2x2: bool, global_view: bool) -> list[Optional[list[str]]]:
+    """The texts that describe each of the G views (global first), None where none applies (tiles of other grids):
+    the global view <-> every phrase of the caption with its location ("a red circle at the top left"); a 2 x 2 tile
+    <-> the phrases of its quadrant without the location, or ["nothing"] for an empty quadrant."""
+    texts: list[Optional[list[str]]] = []
+    if global_view:
+        texts.append([f"{p} at the {q}" for p, q in caption_phrases(caption)] or [EMPTY_TILE])
     tiles = n_views - len(texts)
     if grid_2x2:
         per = quadrant_phrases(caption)
-        texts += [", ".join(per[q]) or EMPTY_TILE for q in _QUADRANTS]
+        texts += [per[q] or [EMPTY_TILE] for q in _QUADRANTS]
     else:
         texts += [None] * tiles
     return texts
@@ -111,7 +121,7 @@ def build_siglip(cfg: VisionPretrainConfig, vocab_size: int, view_size: int, pad
     from transformers import SiglipConfig, SiglipModel
 
     text = dict(vocab_size=vocab_size, hidden_size=cfg.text_hidden, intermediate_size=2 * cfg.text_hidden,
-                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=max(1, cfg.text_hidden // 32),
                 max_position_embeddings=cfg.max_text_len, projection_size=cfg.hidden, pad_token_id=pad_token_id,
                 bos_token_id=None, eos_token_id=None)
     vision = dict(hidden_size=cfg.hidden, intermediate_size=2 * cfg.hidden, num_hidden_layers=cfg.layers,
@@ -135,44 +145,62 @@ def sigmoid_loss(img: torch.Tensor, txt: torch.Tensor, positives: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------- training
+def _pad_rows(token_lists: list[list[int]], pad: int) -> torch.Tensor:
+    """Right-padded (U, L) ids; SigLIP pools the last position, so rows of one call share L."""
+    L = max(len(t) for t in token_lists)
+    out = torch.full((len(token_lists), L), pad, dtype=torch.long)
+    for r, t in enumerate(token_lists):
+        out[r, : len(t)] = torch.tensor(t, dtype=torch.long)
+    return out
+
+
+def _features(out) -> torch.Tensor:
+    return getattr(out, "pooler_output", out)
+
+
 def pretrain_vision(
     images: torch.Tensor,
     captions: list[str],
     tokenizer,
     geometry,
     out_dir,
-    cfg: VisionPretrainConfig = VisionPretrainConfig(),
+    cfg: Optional[VisionPretrainConfig] = None,
     seed: int = 0,
     val: Optional[tuple[torch.Tensor, list[str]]] = None,
     progress: bool = True,
     on_step: Optional[Callable[[dict], None]] = None,
 ) -> dict:
-    """Train a tiny SigLIP on (view, text) pairs of `images` (N, 3, S, S) uint8 and their `captions`, save the vision
-    tower to `out_dir` (HF layout) and return stats: losses per step, samples/s, val retrieval, seconds.
+    """Train a tiny SigLIP on the views of `images` (N, 3, S, S) uint8 and the phrases of their `captions`, save the
+    vision tower to `out_dir` (HF layout) and return stats: losses per step, views/s, held-out phrase precision.
 
     geometry: anything with image_size, tile_size, tile_overlap, grid_rows, grid_cols, add_global_view, view_size
-    (a FireboltConfig or a namespace) - the views are cut as the grid encoder will cut them.
+    (a FireboltConfig or a namespace): the views are cut as the grid encoder will cut them.
+    Each step samples `batch_size` views; the texts of the step are the distinct phrases of those views, and a
+    (view, phrase) pair is positive when the phrase describes the view (a view has one or more phrases).
     """
     from tqdm.auto import tqdm
 
     from ..vision import view_boxes
 
+    cfg = cfg or VisionPretrainConfig()
     boxes = view_boxes(geometry)
     view_size = int(geometry.view_size)
     grid_2x2 = geometry.grid_rows == 2 and geometry.grid_cols == 2
-    n_img, G = images.shape[0], len(boxes)
+    use_global = bool(geometry.add_global_view)
 
-    # every (image, view) pair with a text; texts are deduplicated and tokenised once
-    text_ids: dict[str, int] = {}
-    pairs = []  # (image index, view index, text id)
+    phrase_ids: dict[str, int] = {}
+    views, view_phrases = [], []  # (image, view) and the phrase ids describing it
     for i, cap in enumerate(captions):
-        for g, t in enumerate(view_texts(cap, G, grid_2x2, bool(geometry.add_global_view))):
-            if t is not None and (cfg.global_pairs or g > 0 or not geometry.add_global_view):
-                pairs.append((i, g, text_ids.setdefault(t, len(text_ids))))
-    texts = list(text_ids)
+        for g, texts in enumerate(view_texts(cap, len(boxes), grid_2x2, use_global)):
+            if texts is None or (g == 0 and use_global and not cfg.global_pairs):
+                continue
+            views.append((i, g))
+            view_phrases.append(sorted({phrase_ids.setdefault(t, len(phrase_ids)) for t in texts}))
+    if not views:
+        raise ValueError("vision pretraining: no (view, text) pairs; the captions hold no located phrases")
     pad = tokenizer.pad_token_id
-    tokens = [tokenizer(t, add_special_tokens=False)["input_ids"][: cfg.max_text_len] for t in texts]
-    pairs_t = torch.tensor(pairs, dtype=torch.long)  # (n_pairs, 3)
+    tokens = [tokenizer(t, add_special_tokens=False)["input_ids"][: cfg.max_text_len] for t in phrase_ids]
+    views_t = torch.tensor(views, dtype=torch.long)  # (n_views, 2)
 
     model = build_siglip(cfg, len(tokenizer), view_size, pad, seed)
     model.train()
@@ -180,7 +208,7 @@ def pretrain_vision(
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    steps_per_epoch = max(1, len(pairs) // cfg.batch_size)
+    steps_per_epoch = max(1, len(views) // cfg.batch_size)
     total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
     warm = max(1, int(cfg.warmup_ratio * total))
 
@@ -189,35 +217,6 @@ def pretrain_vision(
             return cfg.lr * (step + 1) / warm
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
-    def text_batch(ids: list[int]) -> torch.Tensor:
-        """Right-padded (U, L) token ids; SigLIP pools the last position, so every row is padded to the same L."""
-        L = max(len(tokens[k]) for k in ids)
-        out = torch.full((len(ids), L), pad, dtype=torch.long)
-        for r, k in enumerate(ids):
-            out[r, : len(tokens[k])] = torch.tensor(tokens[k])
-        return out
-
-    def encode_texts(ids: list[int]) -> torch.Tensor:
-        """(U, D): short and long texts in separate calls so tile phrases do not pay for caption padding."""
-        lengths = torch.tensor([len(tokens[k]) for k in ids])
-        order = lengths.argsort()
-        out = [None] * len(ids)
-        chunks = [order[lengths[order] <= 24], order[lengths[order] > 24]]
-        for chunk in chunks:
-            if len(chunk) == 0:
-                continue
-            emb = model.get_text_features(input_ids=text_batch([ids[int(j)] for j in chunk]))
-            emb = getattr(emb, "pooler_output", emb)
-            for r, j in enumerate(chunk.tolist()):
-                out[j] = emb[r]
-        return torch.stack(out)
-
-    def encode_views(img_idx: torch.Tensor, view_idx: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        views = cut_views(normalize_uint8(source[img_idx]), boxes, view_size)  # (P, G, 3, s, s)
-        chosen = views[torch.arange(len(img_idx)), view_idx]  # (P, 3, s, s)
-        emb = model.get_image_features(pixel_values=chosen)
-        return getattr(emb, "pooler_output", emb)
-
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -225,24 +224,29 @@ def pretrain_vision(
     bar = tqdm(total=total, desc="vision pretrain (SigLIP)", unit="step", disable=not progress, leave=False)
     step = 0
     while step < total:
-        perm = torch.randperm(len(pairs), generator=gen)
+        perm = torch.randperm(len(views), generator=gen)
         for k in range(steps_per_epoch):
             if step >= total:
                 break
-            batch = pairs_t[perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]]  # (P, 3)
-            uniq, inverse = torch.unique(batch[:, 2], return_inverse=True)  # texts of the batch, once each
-            positives = inverse.unsqueeze(1) == torch.arange(len(uniq)).unsqueeze(0)  # (P, U)
+            rows = perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]  # (P,)
+            batch = views_t[rows]  # (P, 2)
+            uniq = sorted({u for r in rows.tolist() for u in view_phrases[r]})  # the step's texts (U,)
+            col = {u: j for j, u in enumerate(uniq)}
+            positives = torch.zeros(len(rows), len(uniq), dtype=torch.bool)  # (P, U)
+            for a, r in enumerate(rows.tolist()):
+                positives[a, [col[u] for u in view_phrases[r]]] = True
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            img = encode_views(batch[:, 0], batch[:, 1], images)
-            txt = encode_texts(uniq.tolist())
+            pixels = cut_views(normalize_uint8(images[batch[:, 0]]), boxes, view_size)  # (P, G, 3, s, s)
+            img = _features(model.get_image_features(pixel_values=pixels[torch.arange(len(rows)), batch[:, 1]]))
+            txt = _features(model.get_text_features(input_ids=_pad_rows([tokens[u] for u in uniq], pad)))
             loss = sigmoid_loss(img, txt, positives, model.logit_scale, model.logit_bias)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             losses.append(float(loss.detach()))
-            seen += len(batch)
+            seen += len(rows)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -252,10 +256,10 @@ def pretrain_vision(
     seconds = time.perf_counter() - t0
 
     model.eval()
-    stats = {"steps": total, "pairs": len(pairs), "texts": len(texts), "losses": losses, "seconds": seconds,
+    stats = {"steps": total, "views": len(views), "phrases": len(phrase_ids), "losses": losses, "seconds": seconds,
              "samples_per_s": seen / max(seconds, 1e-9), "config": asdict(cfg)}
     if val is not None:
-        stats["val"] = retrieval_accuracy(model, val[0], val[1], tokenizer, geometry, cfg)
+        stats["val"] = phrase_precision(model, val[0], val[1], tokenizer, geometry, cfg)
     out_dir = Path(out_dir)
     model.vision_model.save_pretrained(out_dir)  # a SiglipVisionModel: config.json + model.safetensors
     (out_dir / "siglip_pretrain.json").write_text(json.dumps({k: v for k, v in stats.items() if k != "losses"},
@@ -264,50 +268,48 @@ def pretrain_vision(
 
 
 @torch.no_grad()
-def retrieval_accuracy(model, images: torch.Tensor, captions: list[str], tokenizer, geometry,
-                       cfg: VisionPretrainConfig) -> dict:
-    """Held-out check of the dual encoder: for each tile, is its own quadrant text the best match among all distinct
-    tile texts of the set (top-1, %)? And the same for global views among the captions."""
+def phrase_precision(model, images: torch.Tensor, captions: list[str], tokenizer, geometry,
+                     cfg: VisionPretrainConfig) -> dict:
+    """Held-out check of the dual encoder: rank every distinct phrase of the held-out set (per view kind) for each
+    view; precision@k with k = the view's number of phrases (100 = every phrase of the view ranked first)."""
     from ..vision import view_boxes
 
     boxes = view_boxes(geometry)
     grid_2x2 = geometry.grid_rows == 2 and geometry.grid_cols == 2
-    G = len(boxes)
-    per_view = [view_texts(c, G, grid_2x2, bool(geometry.add_global_view)) for c in captions]
+    use_global = bool(geometry.add_global_view)
+    per_view = [view_texts(c, len(boxes), grid_2x2, use_global) for c in captions]
     feats = []
     for i in range(0, images.shape[0], 64):
         views = cut_views(normalize_uint8(images[i : i + 64]), boxes, int(geometry.view_size))
         b = views.shape[0]
-        emb = model.get_image_features(pixel_values=views.flatten(0, 1))
-        emb = getattr(emb, "pooler_output", emb)
-        feats.append(F.normalize(emb, dim=-1).view(b, G, -1))
+        emb = _features(model.get_image_features(pixel_values=views.flatten(0, 1)))
+        feats.append(F.normalize(emb, dim=-1).view(b, len(boxes), -1))
     feats = torch.cat(feats)  # (N, G, D)
+    kinds = {"global": [0] if use_global else [],
+             "tiles": list(range(int(use_global), len(boxes))) if grid_2x2 else []}
     out = {}
-    for name, gs in (("global", [0] if geometry.add_global_view else []),
-                     ("tiles", list(range(1 if geometry.add_global_view else 0, G)) if grid_2x2 else [])):
+    for name, gs in kinds.items():
         if not gs:
             continue
-        texts = sorted({per_view[i][g] for i in range(len(captions)) for g in gs})
-        index = {t: k for k, t in enumerate(texts)}
+        phrases = sorted({t for i in range(len(captions)) for g in gs for t in per_view[i][g]})
+        index = {t: k for k, t in enumerate(phrases)}
         pad = tokenizer.pad_token_id
         embs = []
-        for j in range(0, len(texts), 128):
-            chunk = [tokenizer(t, add_special_tokens=False)["input_ids"][: cfg.max_text_len] for t in texts[j : j + 128]]
-            L = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-            for r, c in enumerate(chunk):
-                ids[r, : len(c)] = torch.tensor(c)
-            e = model.get_text_features(input_ids=ids)
-            embs.append(F.normalize(getattr(e, "pooler_output", e), dim=-1))
+        for j in range(0, len(phrases), 256):
+            ids = _pad_rows([tokenizer(t, add_special_tokens=False)["input_ids"][: cfg.max_text_len]
+                             for t in phrases[j : j + 256]], pad)
+            embs.append(F.normalize(_features(model.get_text_features(input_ids=ids)), dim=-1))
         tx = torch.cat(embs)  # (U, D)
-        hits = []
+        precision = []
         for g in gs:
-            best = (feats[:, g] @ tx.t()).argmax(-1)  # (N,)
-            gold = torch.tensor([index[per_view[i][g]] for i in range(len(captions))])
-            hits.append((best == gold).float())
-        out[name] = {"top1": 100.0 * float(torch.cat(hits).mean()), "candidates": len(texts)}
+            scores = feats[:, g] @ tx.t()  # (N, U)
+            for i in range(len(captions)):
+                gold = {index[t] for t in per_view[i][g]}
+                top = scores[i].topk(len(gold)).indices.tolist()
+                precision.append(len(gold.intersection(top)) / len(gold))
+        out[name] = {"precision": 100.0 * float(np.mean(precision)), "phrases": len(phrases)}
     return out
 
 
-__all__ = ["VisionPretrainConfig", "quadrant_phrases", "view_texts", "cut_views", "normalize_uint8", "build_siglip",
-           "sigmoid_loss", "pretrain_vision", "retrieval_accuracy", "EMPTY_TILE"]
+__all__ = ["VisionPretrainConfig", "caption_phrases", "quadrant_phrases", "view_texts", "cut_views", "normalize_uint8",
+           "build_siglip", "sigmoid_loss", "pretrain_vision", "phrase_precision", "EMPTY_TILE"]
