@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
-    cmd = [sys.executable, "-m", "firebolt.cli", "bench", "--preset", "tiny", "--device", "cpu", "--new-tokens", "5",
+    cmd = [sys.executable, "-m", "firebolt.cli", "bench", "--preset", "tiny", "--device", "cpu", "--new-tokens", "8",
            "--nocache-tokens", "3", "--warmup", "1", "--repeats", "2", "--threads", "1", "--scaling-lengths", "16,32",
            "--scaling-grids", "1,3", "--output", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -44,7 +44,7 @@ def test_tiny_bench_summary_and_files(tiny_run):
         if name != "firebolt_nocache":
             assert _positive(v["bound_fraction"]), name
     assert summary["variants"]["firebolt_nocache"]["new_tokens"] == 3
-    assert summary["variants"]["firebolt"]["new_tokens"] == 5
+    assert summary["variants"]["firebolt"]["new_tokens"] == 8
     assert _positive(summary["bandwidth_gbps"])
     for key in ("decode_vs_lfm2", "decode_vs_nocache", "bandwidth_fraction", "ttft_vs_lfm2_vl",
                 "gpu_decode_tok_s_batch1", "gpu_decode_tok_s_batch32"):
@@ -63,6 +63,9 @@ def test_tiny_bench_summary_and_files(tiny_run):
                 assert e[stage]["median"] >= 0, (name, stage)
             assert e["bytes_per_step"]["weights"] > 0 and e["bound_tok_s"] > 0
     assert result["variants"]["lfm2_vl"]["image_tokens"] == 64  # 128 px tile, patch 8, unshuffle x2
+    nc = result["variants"]["firebolt_nocache"]["batches"]["1"]
+    assert nc["late_in_answer"]["prefix_tokens"] == nc["prompt_tokens"] + 8 - 3  # no-cache measured late too
+    assert nc["full_answer_per_token_s_estimate"] > 0
     # the benchmark's loops produce exactly what the models' generate produces
     for name in ("firebolt", "prepend", "lfm2"):
         assert result["consistency"][name]["tokens_match_generate"], name
@@ -166,3 +169,19 @@ def test_s4_short_sequence_scan_matches_the_kernel_path(dtype):
             real = kw.get("mask", torch.ones(3, 9)).bool()
             torch.testing.assert_close(y1[real].float(), y2[real].float(), **tol)
             torch.testing.assert_close(s1[0], s2[0], atol=1e-4, rtol=1e-4)
+
+
+def test_s4_batch1_long_scan_matches_the_kernel_path():
+    """Batch 1 on CPU scans at any length (cheaper than the kernel there); same outputs and state."""
+    from firebolt.ssm.s4 import S4Block
+
+    torch.manual_seed(1)
+    s4 = S4Block(16, d_state=8).eval()
+    kernel = S4Block(16, d_state=8).eval()
+    kernel.load_state_dict(s4.state_dict())
+    kernel.scan_max_tokens = 0
+    x = torch.randn(1, 300, 16)
+    with torch.no_grad():
+        (y1, s1), (y2, s2) = s4(x), kernel(x)
+    torch.testing.assert_close(y1, y2, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(s1[0], s2[0], atol=2e-4, rtol=2e-4)

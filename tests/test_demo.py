@@ -17,9 +17,11 @@ def test_quadrant_phrases_and_view_texts():
     assert per["bottom left"] == []
     assert per["bottom right"] == ["an orange star"]
     texts = view_texts(cap, 5, grid_2x2=True, global_view=True)
-    assert texts[0] == cap
-    assert texts[1:] == ["a bar chart with bars joe, eva and bob", "the word 'cat' in blue, a red circle", EMPTY_TILE,
-                         "an orange star"]
+    assert texts[0] == ["a bar chart with bars joe, eva and bob", "the word 'cat' in blue", "a red circle",
+                        "an orange star"]
+    assert texts[1:] == [["a bar chart with bars joe, eva and bob"], ["the word 'cat' in blue", "a red circle"],
+                         [EMPTY_TILE], ["an orange star"]]
+    assert view_texts(cap, 5, grid_2x2=False, global_view=True)[1:] == [None] * 4
 
 
 def test_sigmoid_loss_prefers_matching_pairs():

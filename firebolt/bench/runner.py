@@ -172,12 +172,16 @@ def run_lockstep(variants: list, batch: int, new_tokens: int, static: StaticRunn
 
 
 @torch.no_grad()
-def run_nocache(variant, batch: int, new_tokens: int) -> dict:
-    """One timed run of the authors' decoding through `generate(use_cache=False)`, timed by a streamer."""
+def run_nocache(variant, batch: int, new_tokens: int, extra_prefix: torch.Tensor | None = None) -> dict:
+    """One timed run of the authors' decoding through `generate(use_cache=False)`, timed by a streamer.
+    extra_prefix (1, k) token ids appended to the prompt: measures the per-token cost late in a long answer."""
     dev = variant.device
     with PeakMemory(dev) as mem:
         t0 = now(dev)
         inp = variant.prepare(batch)
+        if extra_prefix is not None:
+            ids = torch.cat([inp["input_ids"], extra_prefix.to(dev).expand(batch, -1)], 1)
+            inp = {**inp, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
         t1 = now(dev)
         streamer = TimingStreamer(dev)
         seq = variant.generate(inp, new_tokens, streamer)

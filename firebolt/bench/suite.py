@@ -224,7 +224,6 @@ class FireboltVariant(Variant):
         else:
             self.description = (f"prepend design: {cfg.image_seq_length} projected grid tokens in the prompt "
                                 f"(FireboltConfig fusion_type={cfg.fusion_type!r})")
-        self._static = None
 
     def prepare(self, batch):
         from ..eval.prompts import short_answer_prompt
@@ -266,7 +265,7 @@ class FireboltVariant(Variant):
         if memory is not None and callable(getattr(self.model.cmm, "film_tables", None)):
             self.model.cmm.film_tables(memory)  # made eagerly, before the compiled step reads them
         if self.model.cmm is not None and callable(getattr(self.model.cmm.ssm, "_step_params", None)):
-            self.model.cmm.ssm._step_params()  # the SSM's cached step matrices, likewise
+            self.model.cmm.ssm._step_params()  # the SSM's cached step tensors, likewise
         out = self.model.language_model(inputs_embeds=embeds, attention_mask=mask,
                                         position_ids=self.model._positions(mask), past_key_values=lm_cache,
                                         use_cache=True, logits_to_keep=1)
@@ -354,13 +353,22 @@ def cmm_step_bytes(cmm: nn.Module) -> int:
     if _cmm_uses_film_tables(cmm):
         skip |= {id(p) for p in cmm.film_in.parameters()} | {id(p) for p in cmm.film_out.parameters()}
     ssm = cmm.ssm
-    step_params = getattr(ssm, "_step_params", None)
+    # what the SSM's step reads instead of its raw dynamics parameters: its cached step tensors
+    step_params = getattr(ssm, "_step_factors", None) or getattr(ssm, "_step_params", None)
     extra = 0
     if callable(step_params):
-        skip |= {id(p) for p in ssm.parameters(recurse=False)}  # raw dynamics: replaced by the cached step matrices
+        skip |= {id(p) for p in ssm.parameters(recurse=False)}  # raw dynamics: replaced by the cached step tensors
         with torch.no_grad():
-            extra = sum(t.numel() * t.element_size() for t in step_params() if isinstance(t, torch.Tensor))
+            extra = sum(t.numel() * t.element_size() for t in _flatten(step_params()))
     return module_bytes(cmm, exclude=skip) + extra
+
+
+def _flatten(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _flatten(o)
 
 
 class FireboltNoCacheVariant(Variant):

@@ -39,6 +39,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .text_pretrain import TextPretrainConfig
 from .vision_pretrain import VisionPretrainConfig
 
 MODELS = ("firebolt", "blind", "prepend")
@@ -78,26 +79,28 @@ class DemoConfig:
     tile_overlap: int = 0
     view_size: int = 64
     vocab_size: int = 512
-    vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
-    # decoder (LFM2)
+    vision: VisionPretrainConfig = field(default_factory=lambda: VisionPretrainConfig(
+        hidden=96, layers=3, heads=3, patch=8, text_hidden=64, text_layers=1, batch_size=64, max_steps=600, lr=3e-3))
+    # decoder (LFM2) and its pretraining on the synthetic text
     text_hidden: int = 128
     text_layers: int = 4
-    text_pretrain_epochs: float = 0.0
+    text: TextPretrainConfig = field(default_factory=TextPretrainConfig)
     # CMM
     cmm_heads: int = 4
     cmm_head_dim: int = 16
     cmm_top_k: int = 4
     cmm_ffn_mult: float = 2.0
-    cmm_dropout: float = 0.1
+    cmm_dropout: float = 0.0
     ssm_type: str = "s4"
-    ssm_state: int = 32
+    ssm_state: int = 16
     stage1: StageSpec = field(default_factory=lambda: StageSpec("stage1", lr_fusion=3e-3, lr_language=0.0, epochs=1.0))
     stage2: StageSpec = field(default_factory=lambda: StageSpec("stage2", lr_fusion=2e-3, lr_language=2e-3,
                                                                 epochs=3.0))
     models: tuple = MODELS
     eval_batch_size: int = 128
     max_new_tokens: int = 6
-    threads: int = 2
+    workers: int = 3  # processes side by side (pretraining: 2 jobs; models: 3 jobs)
+    threads: int = 1  # torch threads per process
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
@@ -106,7 +109,8 @@ class DemoConfig:
             n_train=48, n_val=12, n_test=16,
             vision=VisionPretrainConfig(hidden=32, layers=1, heads=2, text_hidden=32, text_layers=1, max_steps=4,
                                         batch_size=32),
-            text_hidden=32, text_layers=2, cmm_heads=2, cmm_head_dim=8, ssm_state=8,
+            text_hidden=32, text_layers=2, text=TextPretrainConfig(epochs=1.0, batch_size=32),
+            cmm_heads=2, cmm_head_dim=8, ssm_state=8,
             stage1=StageSpec("stage1", lr_fusion=3e-3, lr_language=0.0, epochs=1.0, batch_size=16, val_samples=16),
             stage2=StageSpec("stage2", lr_fusion=2e-3, lr_language=2e-3, epochs=1.0, batch_size=32, val_samples=16,
                              max_samples=96),
@@ -374,7 +378,7 @@ def validation_loss(model, examples: list[Example], processor, xv, batch_size: i
 
 def train_stage(model, processor, spec: StageSpec, train: list[Example], val: list[Example],
                 xv_train: Optional[torch.Tensor], xv_val: Optional[torch.Tensor], seed: int, label: str,
-                progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                progress: bool = True, log: Callable[[str], None] = print, position: int = 0) -> dict:
     """One stage: AdamW (the trainer's parameter groups: no decay on SSM dynamics, biases, norms), warmup + cosine,
     grad clipping, validation perplexity after every epoch, the best epoch's weights kept. Returns the stage stats
     (per-step losses, val perplexities, samples/s, tokens/s, peak memory)."""
@@ -389,7 +393,7 @@ def train_stage(model, processor, spec: StageSpec, train: list[Example], val: li
                             schedule="cosine", warmup_ratio=spec.warmup_ratio)
     groups = param_groups(model, lrs, spec.weight_decay)
     trainable = sum(p.numel() for g in groups for p in g["params"])
-    opt = torch.optim.AdamW(groups, betas=optim_cfg.betas, eps=optim_cfg.eps)
+    opt = torch.optim.AdamW(groups, betas=optim_cfg.betas, eps=optim_cfg.eps, fused=True)  # one kernel per step
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     gen = torch.Generator().manual_seed(seed)
@@ -414,7 +418,8 @@ def train_stage(model, processor, spec: StageSpec, train: list[Example], val: li
     samples = tokens = 0
     t_train = 0.0
     step = 0
-    bar = tqdm(total=total, desc=f"{label} {spec.name}", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=f"{label} {spec.name}", unit="step", disable=not progress, leave=False,
+               position=position)
     for epoch, plan in enumerate(plans):
         set_train_modes(model, lrs)
         t0 = time.perf_counter()
@@ -496,7 +501,8 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def evaluate_model(model, processor, items: list, xv_test: Optional[torch.Tensor], image_index: dict[str, int],
-                   with_image: bool, batch_size: int, max_new_tokens: int, label: str, progress: bool = True) -> dict:
+                   with_image: bool, batch_size: int, max_new_tokens: int, label: str, progress: bool = True,
+                   position: int = 0) -> dict:
     """Greedy answers for every test item, scored by firebolt.eval's synthetic scorer.
     Returns {"scores": scorer output, "predictions": {question_id: answer}, "seconds", "questions_per_s"}."""
     from tqdm.auto import tqdm
@@ -509,7 +515,8 @@ def evaluate_model(model, processor, items: list, xv_test: Optional[torch.Tensor
     order = sorted(range(len(items)), key=lambda i: (lengths[i], i))
     preds: dict = {}
     t0 = time.perf_counter()
-    bar = tqdm(total=len(items), desc=f"eval {label}", unit="q", disable=not progress, leave=False)
+    bar = tqdm(total=len(items), desc=f"eval {label}", unit="q", disable=not progress, leave=False,
+               position=position)
     for k in range(0, len(order), batch_size):
         rows = order[k : k + batch_size]
         enc = expand_prompts(processor, [prompts[i] for i in rows])
@@ -542,126 +549,280 @@ def family_table(scores: dict) -> dict[str, float]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- the whole demo
-def run_demo(output_dir="runs/demo", cfg: Optional[DemoConfig] = None, progress: bool = True,
-             log: Callable[[str], None] = print) -> dict:
-    """Run every phase into `output_dir` and return the metrics dict (also written to metrics.json)."""
-    from ..data.synthetic import generate_synthetic
+# ---------------------------------------------------------------------------------------------- jobs
+# The expensive phases run as jobs: one process per job, one torch thread each, up to `workers` at a time. On a
+# small CPU this is much faster than one process with several threads (the demo's matrices are small, and threads
+# that spin-wait collapse as soon as another process competes for the cores), and it is deterministic: each job
+# seeds itself and reads everything it needs from disk, so the results do not depend on the schedule.
+@dataclass
+class DemoPaths:
+    out: Path
+    data: Path
+    work: Path
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.work / "tokenizer"
+
+    @property
+    def vision(self) -> Path:
+        return self.work / "vision"
+
+    @property
+    def language(self) -> Path:
+        return self.work / "language"
+
+    @property
+    def embeds(self) -> Path:
+        return self.work / "image_embeds.pt"
+
+    def model_dir(self, name: str) -> Path:
+        return self.out / "model" if name == "firebolt" else self.out / "controls" / name
+
+
+def _init_worker(threads: int) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(threads)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # no per-process notices (e.g. the causal_conv1d fallback)
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+JOBS: dict[str, Callable] = {}  # name -> job function (filled below); workers look jobs up by name
+
+
+def run_jobs(jobs: list[tuple[str, tuple]], workers: int, threads: int, scratch: Path) -> list:
+    """Run `JOBS[name](*args)` for each job, `workers` processes at a time (`python -m firebolt.demo.worker`, with
+    `threads` torch threads each), or in this process when workers == 1. Arguments and results travel as pickles in
+    `scratch`. Returns the results in job order; raises if a job fails (its traceback is on stderr)."""
+    if workers <= 1 or len(jobs) <= 1:
+        previous = torch.get_num_threads()
+        _init_worker(threads)
+        try:
+            return [JOBS[name](*args) for name, args in jobs]
+        finally:
+            torch.set_num_threads(previous)
+    import pickle
+    import subprocess
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               FIREBOLT_DEMO_THREADS=str(threads))
+    pending = list(enumerate(jobs))
+    running: dict[int, subprocess.Popen] = {}
+    results: dict[int, object] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                k, (name, args) = pending.pop(0)
+                spec = scratch / f"job{k}-{name}.in.pkl"
+                spec.write_bytes(pickle.dumps((name, args)))
+                running[k] = subprocess.Popen([sys.executable, "-m", "firebolt.demo.worker", str(spec),
+                                               str(scratch / f"job{k}-{name}.out.pkl")], env=env)
+            for k, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[k]
+                name = jobs[k][0]
+                out = scratch / f"job{k}-{name}.out.pkl"
+                if proc.returncode != 0 or not out.is_file():
+                    raise RuntimeError(f"demo job {name!r} failed (exit status {proc.returncode}); see its error above")
+                results[k] = pickle.loads(out.read_bytes())
+            time.sleep(0.2)
+    finally:
+        for proc in running.values():  # a failure or an interrupt: stop the jobs still running
+            proc.terminate()
+        for proc in running.values():
+            proc.wait()
+    return [results[k] for k in range(len(jobs))]
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def vision_job(cfg: DemoConfig, paths: DemoPaths, progress: bool, position: int) -> dict:
+    """Tiny SigLIP pretraining on the training captions; the vision tower is saved to paths.vision."""
+    from transformers import AutoTokenizer
+
+    from .vision_pretrain import pretrain_vision
+
+    seed_everything(cfg.seed)
+    reset_peak_memory()
+    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)
+    caps = {s: read_jsonl(paths.data / f"captions_{s}.jsonl") for s in ("train", "val")}
+    images = {s: load_images(paths.data, [c["image"] for c in caps[s]], cfg.image_size) for s in caps}
+    stats = pretrain_vision(images["train"], [c["caption"] for c in caps["train"]], tokenizer, cfg.geometry(),
+                            paths.vision, cfg.vision, seed=cfg.seed,
+                            val=(images["val"], [c["caption"] for c in caps["val"]]), progress=progress,
+                            position=position)
+    stats["peak_memory_mb"] = peak_memory_mb()
+    _log(f"vision pretrain (SigLIP sigmoid loss): {stats['steps']} steps, {stats['samples_per_s']:.1f} views/s, "
+         f"peak memory {stats['peak_memory_mb']:.0f} MiB, loss {np.mean(stats['losses'][:10]):.2f} -> "
+         f"{np.mean(stats['losses'][-10:]):.2f}; held-out phrase precision "
+         + ", ".join(f"{k} {v['precision']:.1f}%" for k, v in stats.get("val", {}).items()))
+    return stats
+
+
+def language_job(cfg: DemoConfig, paths: DemoPaths, progress: bool, position: int) -> dict:
+    """A random tiny LFM2 (+ the tokenizer) in HF layout, pretrained on the synthetic text when configured."""
+    from transformers import AutoTokenizer
+
+    from .text_pretrain import pretrain_language, pretraining_texts
+
+    seed_everything(cfg.seed)
+    reset_peak_memory()
+    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)
+    write_language_checkpoint(paths.language, cfg, tokenizer)
+    if cfg.text.epochs <= 0:
+        return {}
+    texts = pretraining_texts([c["caption"] for c in read_jsonl(paths.data / "captions_train.jsonl")],
+                              [r["conversations"][0]["value"] for r in read_jsonl(paths.data / "train.jsonl")])
+    stats = pretrain_language(paths.language, texts, cfg.text, seed=cfg.seed, progress=progress, position=position,
+                              peak_memory=peak_memory_mb)
+    _log(f"text pretrain (LFM2 on the synthetic text): {stats['steps']} steps, {stats['samples_per_s']:.1f} "
+         f"samples/s, peak memory {stats['peak_memory_mb']:.0f} MiB, loss {np.mean(stats['losses'][:10]):.2f} -> "
+         f"{np.mean(stats['losses'][-10:]):.2f}")
+    return stats
+
+
+def model_job(name: str, cfg: DemoConfig, paths: DemoPaths, progress: bool, position: int) -> dict:
+    """Build one model from the pretrained components, train stage 1 and stage 2 on the cached grid embeddings,
+    evaluate it on the test split, save it. Returns its accuracy table, scores and stage stats."""
     from ..eval import load_benchmark
     from ..hub import save_model_dir
+
+    t0 = time.perf_counter()
+    seed_everything(cfg.seed)
+    fusion = "prepend" if name == "prepend" else "cmm"
+    with_image = name != "blind"
+    title = MODEL_TITLES[name]
+    xv = torch.load(paths.embeds) if with_image else {"train": None, "val": None, "test": None}
+    index = {}
+    caps, q = {}, {}
+    for s in ("train", "val", "test"):
+        caps[s] = read_jsonl(paths.data / f"captions_{s}.jsonl")
+        index[s] = {c["image"]: i for i, c in enumerate(caps[s])}
+    for s in ("train", "val"):
+        q[s] = read_jsonl(paths.data / f"{s}.jsonl")
+    model, processor = build_model(paths.vision, paths.language, cfg, fusion, cfg.seed)
+    stats = {}
+    for spec, convs in ((cfg.stage1, caption_conversations), (cfg.stage2, question_conversations)):
+        source = caps if spec is cfg.stage1 else q
+        train = encode_examples(processor, convs(source["train"], with_image), index["train"], spec.max_length)
+        val = encode_examples(processor, convs(source["val"], with_image), index["val"], spec.max_length)
+        stats[spec.name] = train_stage(model, processor, spec, train, val, xv["train"], xv["val"], cfg.seed, title,
+                                       progress, _log, position)
+    items = load_benchmark("synthetic", paths.data, split="test")
+    ev = evaluate_model(model, processor, items, xv["test"], index["test"], with_image, cfg.eval_batch_size,
+                        cfg.max_new_tokens, title, progress, position)
+    table = family_table(ev["scores"])
+    _log(f"{title}: overall {table['overall']:.1f}% on {len(items)} test questions "
+         f"({ev['questions_per_s']:.0f} questions/s)")
+    save_model_dir(model, processor, paths.model_dir(name))
+    _write_predictions(paths.out / "predictions" / f"{name}.jsonl", items, ev["predictions"])
+    return {"fusion": fusion, "with_image": with_image, "accuracy": table, "scores": ev["scores"], "stages": stats,
+            "eval_seconds": ev["seconds"], "seconds": time.perf_counter() - t0, "n_test": len(items),
+            "model_dir": str(paths.model_dir(name))}
+
+
+JOBS.update(vision=vision_job, language=language_job, model=model_job)
+
+
+# ---------------------------------------------------------------------------------------------- the whole demo
+def run_demo(output_dir="runs/demo", cfg: Optional[DemoConfig] = None, progress: bool = True,
+             log: Callable[[str], None] = _log) -> dict:
+    """Run every phase into `output_dir` and return the metrics dict (also written to metrics.json)."""
+    from ..data.synthetic import generate_synthetic
     from ..processing import atomic_write_text
     from .report import answer_example, format_results, write_loss_curves
-    from .vision_pretrain import pretrain_vision
 
     cfg = cfg or DemoConfig()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    paths = DemoPaths(out=out, data=out / "data", work=out / "components")
+    paths.work.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     clock = PhaseClock(log)
-    data_dir = out / "data"
-    work = out / "components"
-    stages: dict = {}
+    try:
+        with clock.phase("data"):
+            manifest = generate_synthetic(paths.data, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+                                          seed=cfg.seed, image_size=cfg.image_size, progress=progress)
+            q_train = read_jsonl(paths.data / "train.jsonl")
+            caps_train = read_jsonl(paths.data / "captions_train.jsonl")
+            log("data: " + ", ".join(f"{s} {v['images']} images / {v['questions']} questions"
+                                     for s, v in manifest["splits"].items())
+                + (" (reused)" if manifest.get("reused") else ""))
 
-    with clock.phase("data"):
-        manifest = generate_synthetic(data_dir, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
-                                      seed=cfg.seed, image_size=cfg.image_size, progress=progress)
-        q = {s: read_jsonl(data_dir / f"{s}.jsonl") for s in ("train", "val", "test")}
-        caps = {s: read_jsonl(data_dir / f"captions_{s}.jsonl") for s in ("train", "val", "test")}
-        paths = {s: [c["image"] for c in caps[s]] for s in caps}
-        index = {s: {p: i for i, p in enumerate(paths[s])} for s in paths}
-        images = {s: load_images(data_dir, paths[s], cfg.image_size) for s in paths}
-        log(f"data: {', '.join(f'{s} {len(paths[s])} images / {len(q[s])} questions' for s in paths)}"
-            f"{' (reused)' if manifest.get('reused') else ''}")
+        with clock.phase("tokenizer"):
+            tokenizer = build_tokenizer(q_train, caps_train, cfg.vocab_size)
+            tokenizer.save_pretrained(paths.tokenizer)
+            log(f"tokenizer: byte-level BPE trained on the synthetic text, {len(tokenizer)} tokens")
 
-    with clock.phase("tokenizer"):
-        tokenizer = build_tokenizer(q["train"], caps["train"], cfg.vocab_size)
-        log(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens")
+        with clock.phase("pretrain"):  # the vision tower and the decoder, side by side
+            vstats, tstats = run_jobs([("vision", (cfg, paths, progress, 0)), ("language", (cfg, paths, progress, 1))],
+                                      cfg.workers, cfg.threads, paths.work / "jobs")
 
-    with clock.phase("vision_pretrain"):
-        reset_peak_memory()
-        vstats = pretrain_vision(images["train"], [c["caption"] for c in caps["train"]], tokenizer, cfg.geometry(),
-                                 work / "vision", cfg.vision, seed=cfg.seed,
-                                 val=(images["val"], [c["caption"] for c in caps["val"]]), progress=progress)
-        vstats["peak_memory_mb"] = peak_memory_mb()
-        log(f"vision pretrain (SigLIP sigmoid loss): {vstats['steps']} steps, {vstats['samples_per_s']:.1f} pairs/s, "
-            f"peak memory {vstats['peak_memory_mb']:.0f} MiB, final loss {np.mean(vstats['losses'][-10:]):.3f}, "
-            f"held-out retrieval top-1: " + ", ".join(f"{k} {v['top1']:.1f}% of {v['candidates']}"
-                                                     for k, v in vstats.get("val", {}).items()))
-        stages["vision_pretrain"] = vstats
+        with clock.phase("encode"):  # the frozen tower's grid embeddings X_v, once per image
+            model, _ = build_model(paths.vision, paths.language, cfg, "cmm", cfg.seed)
+            xv = {}
+            for s in ("train", "val", "test"):
+                caps = read_jsonl(paths.data / f"captions_{s}.jsonl")
+                images = load_images(paths.data, [c["image"] for c in caps], cfg.image_size)
+                xv[s] = encode_image_grid(model, images, progress=progress, desc=f"encode {s} images")
+            torch.save(xv, paths.embeds)
+            log(f"grid embeddings X_v: " + ", ".join(f"{s} {tuple(v.shape)}" for s, v in xv.items()))
+            del model, xv
 
-    with clock.phase("language"):
-        language_dir = write_language_checkpoint(work / "language", cfg, tokenizer)
-        if cfg.text_pretrain_epochs > 0:
-            from .text_pretrain import pretrain_language
+        with clock.phase("models"):  # the three models, side by side
+            outs = run_jobs([("model", (name, cfg, paths, progress, k)) for k, name in enumerate(cfg.models)],
+                            cfg.workers, cfg.threads, paths.work / "jobs")
+            results = dict(zip(cfg.models, outs))
 
-            stages["text_pretrain"] = pretrain_language(language_dir, caps["train"], q["train"], cfg,
-                                                        progress=progress, log=log)
+        with clock.phase("report"):
+            example = None
+            if "firebolt" in results:
+                from ..eval import load_benchmark
 
-    results: dict = {}
-    xv = None
-    models_dir = out / "models"
-    test_items = load_benchmark("synthetic", data_dir, split="test")
-    for name in cfg.models:
-        fusion = "prepend" if name == "prepend" else "cmm"
-        with_image = name != "blind"
-        with clock.phase(f"{name}"):
-            model, processor = build_model(work / "vision", language_dir, cfg, fusion, cfg.seed)
-            if xv is None:  # one frozen tower for every model: encode each image once
-                xv = {s: encode_image_grid(model, images[s], progress=progress, desc=f"encode {s} images")
-                      for s in images}
-            ex = {}
-            for s in ("train", "val"):
-                ex[("stage1", s)] = encode_examples(processor, caption_conversations(caps[s], with_image), index[s],
-                                                    cfg.stage1.max_length)
-                ex[("stage2", s)] = encode_examples(processor, question_conversations(q[s], with_image), index[s],
-                                                    cfg.stage2.max_length)
-            st = {}
-            for spec in (cfg.stage1, cfg.stage2):
-                st[spec.name] = train_stage(model, processor, spec, ex[(spec.name, "train")], ex[(spec.name, "val")],
-                                            xv["train"], xv["val"], cfg.seed, MODEL_TITLES[name], progress, log)
-            ev = evaluate_model(model, processor, test_items, xv["test"], index["test"], with_image,
-                                cfg.eval_batch_size, cfg.max_new_tokens, MODEL_TITLES[name], progress)
-            table = family_table(ev["scores"])
-            log(f"{MODEL_TITLES[name]}: overall {table['overall']:.1f}% on {len(test_items)} test questions "
-                f"({ev['questions_per_s']:.0f} questions/s)")
-            results[name] = {"fusion": fusion, "with_image": with_image, "accuracy": table, "scores": ev["scores"],
-                             "stages": st, "eval_seconds": ev["seconds"]}
-            _write_predictions(out / "predictions" / f"{name}.jsonl", test_items, ev["predictions"])
-            if name == "firebolt":
-                save_model_dir(model, processor, out / "model")
-            elif name == "prepend":
-                save_model_dir(model, processor, models_dir / name)
-            del model
-
-    with clock.phase("report"):
-        example = answer_example(out / "model", data_dir, test_items) if (out / "model").exists() else None
-        metrics = {
-            "accuracy": {name: results[name]["accuracy"] for name in results},
-            "families": sorted({f for r in results.values() for f in r["accuracy"] if f != "overall"}),
-            "n_test_questions": len(test_items),
-            "models": {name: {k: v for k, v in r.items() if k != "stages"} | {"stages": _stage_summary(r["stages"])}
-                       for name, r in results.items()},
-            "vision_pretrain": {k: v for k, v in stages["vision_pretrain"].items() if k != "losses"},
-            "text_pretrain": {k: v for k, v in stages.get("text_pretrain", {}).items() if k != "losses"} or None,
-            "example": example,
-            "config": cfg.to_dict(),
-            "data": {"dir": str(data_dir), "splits": manifest["splits"]},
-            "model_dir": str(out / "model"),
-        }
-        if "firebolt" in results and "blind" in results:
-            metrics["gain_over_blind"] = results["firebolt"]["accuracy"]["overall"] - results["blind"]["accuracy"]["overall"]
-        curves = {"vision_pretrain": stages["vision_pretrain"]["losses"]}
-        if "text_pretrain" in stages:
-            curves["text_pretrain"] = stages["text_pretrain"]["losses"]
-        for name, r in results.items():
-            for sname, s in r["stages"].items():
-                curves[f"{name}/{sname}"] = s["losses"]
-        write_loss_curves(out / "loss_curves.png", curves)
-        metrics["loss_curves"] = str(out / "loss_curves.png")
-        atomic_write_text(out / "losses.json", json.dumps(curves))
+                example = answer_example(paths.model_dir("firebolt"), paths.data,
+                                         load_benchmark("synthetic", paths.data, split="test"))
+            n_test = next(iter(results.values()))["n_test"] if results else 0
+            metrics = {
+                "accuracy": {name: r["accuracy"] for name, r in results.items()},
+                "families": sorted({f for r in results.values() for f in r["accuracy"] if f != "overall"}),
+                "n_test_questions": n_test,
+                "models": {name: {k: v for k, v in r.items() if k != "stages"} | {"stages": _stage_summary(r["stages"])}
+                           for name, r in results.items()},
+                "vision_pretrain": {k: v for k, v in vstats.items() if k != "losses"},
+                "text_pretrain": {k: v for k, v in tstats.items() if k != "losses"} or None,
+                "example": example,
+                "config": cfg.to_dict(),
+                "data": {"dir": str(paths.data), "splits": manifest["splits"]},
+                "model_dir": str(paths.model_dir("firebolt")) if "firebolt" in results else None,
+            }
+            if "firebolt" in results and "blind" in results:
+                metrics["gain_over_blind"] = (results["firebolt"]["accuracy"]["overall"]
+                                              - results["blind"]["accuracy"]["overall"])
+            curves = {"vision_pretrain": vstats["losses"]}
+            if tstats:
+                curves["text_pretrain"] = tstats["losses"]
+            for name, r in results.items():
+                for sname, st in r["stages"].items():
+                    curves[f"{name}/{sname}"] = st["losses"]
+            write_loss_curves(out / "loss_curves.png", curves)
+            metrics["loss_curves"] = str(out / "loss_curves.png")
+            atomic_write_text(out / "losses.json", json.dumps(curves))
+    finally:
+        torch.set_num_threads(threads)
     metrics["seconds"] = {k: round(v, 2) for k, v in clock.seconds.items()}
     metrics["seconds"]["total"] = round(clock.total(), 2)
+    metrics["seconds"]["per_model"] = {name: round(r["seconds"], 2) for name, r in results.items()}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
     log(format_results(metrics))
     return metrics
@@ -676,9 +837,10 @@ def _write_predictions(path: Path, items, preds: dict) -> None:
     from ..processing import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"question_id": it.question_id, "family": it.meta.get("family"), "answer": preds.get(it.question_id, ""),
-                         "gold": it.meta.get("answer")}) for it in items]
+    lines = [json.dumps({"question_id": it.question_id, "family": it.meta.get("family"),
+                         "answer": preds.get(it.question_id, ""), "gold": it.meta.get("answer")}) for it in items]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-__all__ = ["DemoConfig", "StageSpec", "run_demo", "train_stage", "evaluate_model", "greedy_generate", "MODELS"]
+__all__ = ["DemoConfig", "StageSpec", "run_demo", "train_stage", "evaluate_model", "greedy_generate",
+           "expand_prompts", "MODELS", "MODEL_TITLES"]

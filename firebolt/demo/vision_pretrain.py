@@ -82,11 +82,11 @@ def quadrant_phrases(caption: str) -> dict[str, list[str]]:
 
 def view_texts(caption: str, n_views: int, grid_2x2: bool, global_view: bool) -> list[Optional[list[str]]]:
     """The texts that describe each of the G views (global first), None where none applies (tiles of other grids):
-    the global view <-> every phrase of the caption with its location ("a red circle at the top left"); a 2 x 2 tile
-    <-> the phrases of its quadrant without the location, or ["nothing"] for an empty quadrant."""
+    the global view <-> every phrase of the caption ("a red circle", without the location); a 2 x 2 tile <-> the
+    phrases of its quadrant, or ["nothing"] for an empty quadrant."""
     texts: list[Optional[list[str]]] = []
     if global_view:
-        texts.append([f"{p} at the {q}" for p, q in caption_phrases(caption)] or [EMPTY_TILE])
+        texts.append(list(dict.fromkeys(p for p, _ in caption_phrases(caption))) or [EMPTY_TILE])
     tiles = n_views - len(texts)
     if grid_2x2:
         per = quadrant_phrases(caption)
@@ -169,6 +169,7 @@ def pretrain_vision(
     val: Optional[tuple[torch.Tensor, list[str]]] = None,
     progress: bool = True,
     on_step: Optional[Callable[[dict], None]] = None,
+    position: int = 0,
 ) -> dict:
     """Train a tiny SigLIP on the views of `images` (N, 3, S, S) uint8 and the phrases of their `captions`, save the
     vision tower to `out_dir` (HF layout) and return stats: losses per step, views/s, held-out phrase precision.
@@ -221,7 +222,8 @@ def pretrain_vision(
     losses: list[float] = []
     t0 = time.perf_counter()
     seen = 0
-    bar = tqdm(total=total, desc="vision pretrain (SigLIP)", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="vision pretrain (SigLIP)", unit="step", disable=not progress, leave=False,
+               position=position)
     step = 0
     while step < total:
         perm = torch.randperm(len(views), generator=gen)
