@@ -45,7 +45,7 @@ def quick_run(tmp_path_factory):
     from firebolt.demo.cli import demo
 
     out = tmp_path_factory.mktemp("demo") / "run"
-    assert demo(output=str(out), quick=True, no_progress=True) == 0
+    assert demo(output=str(out), quick=True, workers=1, no_progress=True) == 0
     return out
 
 
@@ -64,13 +64,18 @@ def test_quick_demo_report(quick_run):
             assert s["samples_per_s"] > 0 and s["peak_memory_mb"] > 0
     assert metrics["gain_over_blind"] == pytest.approx(
         metrics["accuracy"]["firebolt"]["overall"] - metrics["accuracy"]["blind"]["overall"])
-    assert {"data", "tokenizer", "vision_pretrain", "firebolt", "blind", "prepend", "total"} <= set(metrics["seconds"])
+    assert {"data", "tokenizer", "pretrain", "encode", "models", "report", "total"} <= set(metrics["seconds"])
+    assert set(metrics["seconds"]["per_model"]) == {"firebolt", "blind", "prepend"}
+    assert metrics["vision_pretrain"]["samples_per_s"] > 0 and metrics["text_pretrain"]["samples_per_s"] > 0
     assert metrics["example"]["question"] and "answer" in metrics["example"]
     png = quick_run / "loss_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     n_test = metrics["n_test_questions"]
-    lines = (quick_run / "predictions" / "firebolt.jsonl").read_text().splitlines()
-    assert len(lines) == n_test
+    for name in ("firebolt", "blind", "prepend"):
+        lines = (quick_run / "predictions" / f"{name}.jsonl").read_text().splitlines()
+        assert len(lines) == n_test
+    for control in ("blind", "prepend"):
+        assert (quick_run / "controls" / control / "config.json").is_file()
 
 
 def test_quick_demo_model_dir_loads_and_cached_decoding_matches_generate(quick_run):
@@ -92,6 +97,27 @@ def test_quick_demo_model_dir_loads_and_cached_decoding_matches_generate(quick_r
         ours = greedy_generate(model, enc["input_ids"], enc["attention_mask"], x_v, max_new_tokens=4,
                                stop_at_eos=False)
     assert torch.equal(ours, reference)
+
+
+def test_jobs_run_in_worker_processes(tmp_path):
+    """The pipeline's job runner: two jobs in two `python -m firebolt.demo.worker` processes, results in order."""
+    from firebolt.demo.pipeline import DemoConfig, DemoPaths, run_jobs
+    from firebolt.demo.text_pretrain import TextPretrainConfig
+    from firebolt.presets import train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer(300)
+    cfg = DemoConfig.quick(text=TextPretrainConfig(epochs=0.0))
+    jobs = []
+    for k in range(2):
+        paths = DemoPaths(out=tmp_path / f"r{k}", data=tmp_path / "data", work=tmp_path / f"r{k}")
+        tokenizer.save_pretrained(paths.tokenizer)
+        jobs.append(("language", (cfg, paths, False, k)))
+    assert run_jobs(jobs, workers=2, threads=1, scratch=tmp_path / "jobs") == [{}, {}]
+    for k in range(2):
+        assert (tmp_path / f"r{k}" / "language" / "config.json").is_file()
+    with pytest.raises(RuntimeError, match="failed"):
+        bad = DemoPaths(out=tmp_path / "bad", data=tmp_path / "data", work=tmp_path / "missing")
+        run_jobs([("language", (cfg, bad, False, 0))] * 2, workers=2, threads=1, scratch=tmp_path / "jobs")
 
 
 def test_demo_cli_rejects_bad_arguments(tmp_path):

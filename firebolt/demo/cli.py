@@ -9,8 +9,8 @@ def add_demo_arguments(p):
     p.add_argument("--quick", action="store_true",
                    help="smoke run of the whole pipeline on a few images in well under a minute (no accuracy)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=3,
-                   help="processes side by side: the pretraining jobs, then one per model (default 3)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes side by side: the two pretraining jobs, then one per model (default 3; quick 1)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
     p.add_argument("--n-train", type=int, default=None, help="training images (default 2000; quick 48)")
     p.add_argument("--n-val", type=int, default=None, help="validation images (default 200)")
@@ -27,7 +27,7 @@ def demo(
     output: str = "runs/demo",
     quick: bool = False,
     seed: int = 0,
-    workers: int = 3,
+    workers: int | None = None,
     threads: int = 1,
     n_train: int | None = None,
     n_val: int | None = None,
@@ -51,9 +51,11 @@ def demo(
     cfg = DemoConfig.quick(seed=seed) if quick else DemoConfig(seed=seed)
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
-    overrides = {"threads": threads, "workers": workers}
+    overrides = {"threads": threads}
+    if workers is not None:
+        if workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {workers}")
+        overrides["workers"] = workers
     for key, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         if value is not None:
             if value < 1:

@@ -114,7 +114,7 @@ class DemoConfig:
             stage1=StageSpec("stage1", lr_fusion=3e-3, lr_language=0.0, epochs=1.0, batch_size=16, val_samples=16),
             stage2=StageSpec("stage2", lr_fusion=2e-3, lr_language=2e-3, epochs=1.0, batch_size=32, val_samples=16,
                              max_samples=96),
-            eval_batch_size=64,
+            eval_batch_size=64, workers=1,
         )
         return replace(cfg, **overrides)
 
@@ -748,6 +748,10 @@ def run_demo(output_dir="runs/demo", cfg: Optional[DemoConfig] = None, progress:
     paths.work.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # no notices such as the causal_conv1d fallback in the demo's output
     seed_everything(cfg.seed)
     clock = PhaseClock(log)
     try:
@@ -820,6 +824,7 @@ def run_demo(output_dir="runs/demo", cfg: Optional[DemoConfig] = None, progress:
             atomic_write_text(out / "losses.json", json.dumps(curves))
     finally:
         torch.set_num_threads(threads)
+        hf_logging.set_verbosity(verbosity)
     metrics["seconds"] = {k: round(v, 2) for k, v in clock.seconds.items()}
     metrics["seconds"]["total"] = round(clock.total(), 2)
     metrics["seconds"]["per_model"] = {name: round(r["seconds"], 2) for name, r in results.items()}

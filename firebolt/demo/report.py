@@ -63,8 +63,13 @@ def format_results(metrics: dict) -> str:
                   f"(expected {ex['expected']!r})"]
     secs = metrics.get("seconds", {})
     if secs:
-        lines += ["", "Wall time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items() if k != "total")
+        phases = [(k, v) for k, v in secs.items() if k not in ("total", "per_model")]
+        lines += ["", "Wall time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases)
                   + f"; total {secs.get('total', 0):.0f} s"]
+        per_model = secs.get("per_model") or {}
+        if per_model:
+            lines.append("  models trained side by side, each: " + ", ".join(
+                f"{MODEL_TITLES.get(k, k)} {v:.0f} s" for k, v in per_model.items()))
     if metrics.get("model_dir"):
         lines.append(f"Model: {metrics['model_dir']}  (load with firebolt.hub.load_model_dir)")
     return "\n".join(lines)
