@@ -62,6 +62,11 @@ class VisionPretrainConfig:
     warmup_ratio: float = 0.08
     max_steps: Optional[int] = None
     global_pairs: bool = True  # also pair the global view with the whole caption (else tiles only)
+    # SigLIP's logit temperature t and bias b at init. SigLIP uses t = 10, b = -10 for batches of ~32k where nearly
+    # every pair is negative; with ~100 texts per step and 1-3 positives per view, b = -10 leaves every positive at
+    # ~zero probability and Adam moves b by only ~lr per step, so the demo starts b near -log(texts per step).
+    logit_scale_init: float = 10.0
+    logit_bias_init: float = -10.0
 
 
 # ---------------------------------------------------------------------------------------------- captions -> texts
@@ -117,7 +122,7 @@ def normalize_uint8(images: torch.Tensor, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0
 
 # ---------------------------------------------------------------------------------------------- model
 def build_siglip(cfg: VisionPretrainConfig, vocab_size: int, view_size: int, pad_token_id: int, seed: int):
-    """A tiny `SiglipModel` (random init, seeded) with SigLIP's logit scale / bias initialisation."""
+    """A tiny `SiglipModel` (random init, seeded) with the configured logit scale / bias initialisation."""
     from transformers import SiglipConfig, SiglipModel
 
     text = dict(vocab_size=vocab_size, hidden_size=cfg.text_hidden, intermediate_size=2 * cfg.text_hidden,
@@ -129,8 +134,8 @@ def build_siglip(cfg: VisionPretrainConfig, vocab_size: int, view_size: int, pad
     torch.manual_seed(seed)
     model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
     with torch.no_grad():
-        model.logit_scale.fill_(math.log(10.0))
-        model.logit_bias.fill_(-10.0)
+        model.logit_scale.fill_(math.log(cfg.logit_scale_init))
+        model.logit_bias.fill_(cfg.logit_bias_init)
     return model
 
 
@@ -145,13 +150,22 @@ def sigmoid_loss(img: torch.Tensor, txt: torch.Tensor, positives: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _pad_rows(token_lists: list[list[int]], pad: int) -> torch.Tensor:
-    """Right-padded (U, L) ids; SigLIP pools the last position, so rows of one call share L."""
+def phrase_tokens(tokenizer, text: str, max_len: int) -> list[int]:
+    """A phrase's ids followed by the end token: SigLIP's text tower pools the last position, which is then the
+    same token for every phrase (read after the whole phrase), like SigLIP's own end-of-text token."""
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return tokenizer(text, add_special_tokens=False)["input_ids"][: max_len - 1] + [end]
+
+
+def encode_phrases(model, token_lists: list[list[int]], pad: int) -> torch.Tensor:
+    """(U, D) text features: rows left-padded (the end token last), padding masked out."""
     L = max(len(t) for t in token_lists)
-    out = torch.full((len(token_lists), L), pad, dtype=torch.long)
+    ids = torch.full((len(token_lists), L), pad, dtype=torch.long)  # (U, L)
+    mask = torch.zeros((len(token_lists), L), dtype=torch.long)
     for r, t in enumerate(token_lists):
-        out[r, : len(t)] = torch.tensor(t, dtype=torch.long)
-    return out
+        ids[r, L - len(t) :] = torch.tensor(t, dtype=torch.long)
+        mask[r, L - len(t) :] = 1
+    return _features(model.get_text_features(input_ids=ids, attention_mask=mask))
 
 
 def _features(out) -> torch.Tensor:
@@ -200,7 +214,7 @@ def pretrain_vision(
     if not views:
         raise ValueError("vision pretraining: no (view, text) pairs; the captions hold no located phrases")
     pad = tokenizer.pad_token_id
-    tokens = [tokenizer(t, add_special_tokens=False)["input_ids"][: cfg.max_text_len] for t in phrase_ids]
+    tokens = [phrase_tokens(tokenizer, t, cfg.max_text_len) for t in phrase_ids]
     views_t = torch.tensor(views, dtype=torch.long)  # (n_views, 2)
 
     model = build_siglip(cfg, len(tokenizer), view_size, pad, seed)
@@ -241,7 +255,7 @@ def pretrain_vision(
                 group["lr"] = lr_at(step)
             pixels = cut_views(normalize_uint8(images[batch[:, 0]]), boxes, view_size)  # (P, G, 3, s, s)
             img = _features(model.get_image_features(pixel_values=pixels[torch.arange(len(rows)), batch[:, 1]]))
-            txt = _features(model.get_text_features(input_ids=_pad_rows([tokens[u] for u in uniq], pad)))
+            txt = encode_phrases(model, [tokens[u] for u in uniq], pad)
             loss = sigmoid_loss(img, txt, positives, model.logit_scale, model.logit_bias)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -298,9 +312,8 @@ def phrase_precision(model, images: torch.Tensor, captions: list[str], tokenizer
         pad = tokenizer.pad_token_id
         embs = []
         for j in range(0, len(phrases), 256):
-            ids = _pad_rows([tokenizer(t, add_special_tokens=False)["input_ids"][: cfg.max_text_len]
-                             for t in phrases[j : j + 256]], pad)
-            embs.append(F.normalize(_features(model.get_text_features(input_ids=ids)), dim=-1))
+            toks = [phrase_tokens(tokenizer, t, cfg.max_text_len) for t in phrases[j : j + 256]]
+            embs.append(F.normalize(encode_phrases(model, toks, pad), dim=-1))
         tx = torch.cat(embs)  # (U, D)
         precision = []
         for g in gs:
