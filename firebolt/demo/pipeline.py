@@ -79,8 +79,12 @@ class DemoConfig:
     tile_overlap: int = 0
     view_size: int = 64
     vocab_size: int = 512
+    # a narrow, shallow tower trained for more steps learns the tiles' shapes better in the same minutes (linear probe
+    # on single-shape test tiles: shape 68% vs 48% for 96 wide x 3 layers x 600 steps; colour 100% for both); the
+    # global view is not paired (its phrases are too small to learn at 64 px in this budget)
     vision: VisionPretrainConfig = field(default_factory=lambda: VisionPretrainConfig(
-        hidden=96, layers=3, heads=3, patch=8, text_hidden=64, text_layers=1, batch_size=64, max_steps=600, lr=3e-3))
+        hidden=64, layers=2, heads=2, patch=8, text_hidden=64, text_layers=1, batch_size=64, max_steps=2000, lr=3e-3,
+        global_pairs=False))
     # decoder (LFM2) and its pretraining on the synthetic text
     text_hidden: int = 128
     text_layers: int = 4
@@ -93,9 +97,12 @@ class DemoConfig:
     cmm_dropout: float = 0.0
     ssm_type: str = "s4"
     ssm_state: int = 16
-    stage1: StageSpec = field(default_factory=lambda: StageSpec("stage1", lr_fusion=3e-3, lr_language=0.0, epochs=1.0))
+    # batches of 16: on 2 cores a step costs little more than at 64, and 4x the updates learn more per minute
+    # (stage 1 caption perplexity 1.94 vs 2.07 after one epoch in the same time)
+    stage1: StageSpec = field(default_factory=lambda: StageSpec("stage1", lr_fusion=3e-3, lr_language=0.0, epochs=1.0,
+                                                                batch_size=16))
     stage2: StageSpec = field(default_factory=lambda: StageSpec("stage2", lr_fusion=2e-3, lr_language=2e-3,
-                                                                epochs=3.0))
+                                                                epochs=3.0, batch_size=16))
     models: tuple = MODELS
     eval_batch_size: int = 128
     max_new_tokens: int = 6
