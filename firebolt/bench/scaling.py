@@ -65,7 +65,9 @@ def _firebolt_point(variant, text_ids, G: int, device, repeats: int) -> dict:
 
 @torch.no_grad()
 def _prepend_point(variant, text_ids, G: int, device, repeats: int) -> dict:
-    """Prepend design: G projected grid tokens written at G <image> slots before the T text tokens."""
+    """Prepend design: G projected grid tokens written at G <image> slots before the T text tokens. The projection
+    is written here rather than through `model.fuse`, which checks the slot count against the config's grid count,
+    while this sweep varies G."""
     model = variant.model
     cfg = model.config
     ids = torch.cat([torch.full((1, G), cfg.image_token_id), text_ids], 1).to(device)
