@@ -3,6 +3,8 @@
 Glossary
     B batch   T text tokens   G grids (views)   H heads   Dh head size   D = D_t text width   D_v vision width
 
+    X_v <- X_v + E_grid  (optional, not in the paper: a learned embedding per grid, so that the context says which
+                          view it came from; the grids are otherwise an unordered set to the CMM)
     q = W_q X_t                                   (B, T, H*Dh)          Eq. 4
     k = W_k X_v, v = W_v X_v                       (B, G, H*Dh), (B, G, D)
     S = softmax_G(top-k(q k^T / sqrt(Dh)))          (B, H, T, G)          Eq. 5 (non-top-k grids set to -inf first)
@@ -63,8 +65,11 @@ class CrossModalModulator(nn.Module):
         gate_init: float = 0.5,
         ssm_type: str = "s4",
         ssm_kwargs: dict | None = None,
+        grid_embeddings: int = 0,
     ):
         super().__init__()
+        # (G, D_v) learned per-grid embeddings added to X_v (0 = off, the paper's CMM)
+        self.grid_embed = nn.Parameter(torch.randn(grid_embeddings, d_vision)) if grid_embeddings else None
         self.heads, self.head_dim, self.top_k = heads, head_dim, top_k
         inner = heads * head_dim
         self.q_proj = nn.Linear(d_text, inner, bias=False)
@@ -94,6 +99,10 @@ class CrossModalModulator(nn.Module):
     def grid_memory(self, x_v: torch.Tensor, present: torch.Tensor | None = None) -> GridMemory:
         """x_v (B, G, D_v) -> keys (B, H, G, Dh) and values (B, G, D)."""
         B, G, _ = x_v.shape
+        if self.grid_embed is not None:
+            if G != self.grid_embed.shape[0]:
+                raise ValueError(f"the CMM has grid embeddings for {self.grid_embed.shape[0]} grids, got {G}")
+            x_v = x_v + self.grid_embed.to(x_v.dtype)
         keys = self.k_proj(x_v).view(B, G, self.heads, self.head_dim).transpose(1, 2)  # (B, H, G, Dh)
         if present is None:
             present = torch.ones(B, dtype=torch.bool, device=x_v.device)

@@ -32,6 +32,8 @@ class FireboltConfig(PreTrainedConfig):
         cmm_dropout (`float`, defaults to 0.1): dropout on the correlation weights and in the FFN.
         cmm_ffn_mult (`float`, defaults to 4.0): FFN hidden size as a multiple of D_t.
         cmm_gate_init (`float`, defaults to 0.5): initial value of the scalar FiLM gate alpha.
+        cmm_grid_embeddings (`bool`, defaults to `False`): add a learned embedding per grid to X_v inside the CMM, so
+            the visual context tells which view (global, which tile) it came from. Not in the paper (off = the paper).
         ssm_type (`str`, defaults to `"s4"`): `s4`, `s4d` or `mamba`.
         ssm_config (`dict`): extra keyword arguments of the SSM (e.g. `{"d_state": 64}`).
         num_queries (`int`, defaults to 8): learned queries of the `cross_attention` baseline.
@@ -62,6 +64,7 @@ class FireboltConfig(PreTrainedConfig):
     cmm_dropout: float = 0.1
     cmm_ffn_mult: float = 4.0
     cmm_gate_init: float = 0.5
+    cmm_grid_embeddings: bool = False
     ssm_type: str = "s4"
     ssm_config: dict | None = None
     num_queries: int = 8

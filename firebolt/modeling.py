@@ -82,6 +82,8 @@ class FireboltPreTrainedModel(PreTrainedModel):
         if isinstance(module, CrossModalModulator):
             with torch.no_grad():
                 module.gate.fill_(self.config.cmm_gate_init)
+                if module.grid_embed is not None:
+                    module.grid_embed.normal_()  # unit scale, like the components of a SigLIP embedding
         elif isinstance(module, CrossAttentionResampler):
             nn.init.normal_(module.queries, std=module.queries.shape[-1] ** -0.5)
         else:
@@ -107,6 +109,7 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
                 gate_init=config.cmm_gate_init,
                 ssm_type=config.ssm_type,
                 ssm_kwargs=config.ssm_config,
+                grid_embeddings=config.num_grids if config.cmm_grid_embeddings else 0,
             )
         elif config.fusion_type == "prepend":
             self.projector = PrependProjector(d_vision, d_text)

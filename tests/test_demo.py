@@ -130,3 +130,25 @@ def test_demo_cli_rejects_bad_arguments(tmp_path):
         demo(output=str(tmp_path), quick=True, models="firebolt,oracle")
     with pytest.raises(ValueError, match="--n-train"):
         demo(output=str(tmp_path), quick=True, n_train=0)
+
+
+def test_pack_turns_groups_questions_of_one_image():
+    from firebolt.demo.pipeline import pack_turns
+
+    recs = [{"image": f"img{i % 3}.png", "conversations": [{"from": "human", "value": f"<image>\nq{i}?"},
+                                                             {"from": "gpt", "value": f"a{i}"}]} for i in range(10)]
+    assert pack_turns(recs, 1, 0) is recs
+    packed = pack_turns(recs, 3, 0)
+    assert len(packed) == 4  # images with 4, 3, 3 questions in chunks of <= 3: 2 + 1 + 1
+    pairs = set()
+    for r in packed:
+        conv = r["conversations"]
+        assert 2 <= len(conv) <= 6 and [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert conv[0]["value"].startswith("<image>\n")
+        assert sum(t["value"].count("<image>") for t in conv) == 1
+        for h, a in zip(conv[::2], conv[1::2]):
+            q = h["value"].replace("<image>\n", "")
+            assert q[1:-1] == a["value"][1:]  # each answer stays with its question
+            pairs.add((r["image"], q))
+    assert pairs == {(f"img{i % 3}.png", f"q{i}?") for i in range(10)}
+    assert pack_turns(recs, 3, 0) == packed and pack_turns(recs, 3, 1) != packed  # seeded order

@@ -36,6 +36,18 @@ def test_topk_keeps_exactly_k_grids():
     assert (full > 0).all()
 
 
+def test_grid_embeddings_make_the_grids_an_ordered_set():
+    x_t, x_v = torch.randn(2, 6, 32), torch.randn(2, 5, 24)
+    perm = torch.tensor([0, 3, 1, 4, 2])
+    plain = make_cmm()
+    torch.testing.assert_close(plain(x_t, plain.grid_memory(x_v))[0], plain(x_t, plain.grid_memory(x_v[:, perm]))[0])
+    ordered = make_cmm(grid_embeddings=5)
+    out = ordered(x_t, ordered.grid_memory(x_v))[0]
+    assert not torch.allclose(out, ordered(x_t, ordered.grid_memory(x_v[:, perm]))[0])
+    with pytest.raises(ValueError, match="grid embeddings for 5 grids, got 4"):
+        ordered.grid_memory(x_v[:, :4])
+
+
 def test_gate_zero_makes_film_identity():
     x, gb = torch.randn(3, 4, 8), torch.randn(3, 4, 16)
     torch.testing.assert_close(film(x, gb, torch.tensor(0.0)), x)

@@ -335,3 +335,26 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(syn, "render_scene", real)
     m = generate_synthetic(out, n_train=10, n_val=2, n_test=2, progress=False)
     assert m["reused"] is False and (out / "manifest.json").is_file()
+
+
+def test_per_quadrant_cap_small_images_and_balanced_counts(tmp_path):
+    out = tmp_path / "capped"
+    generate_synthetic(out, n_train=150, n_val=0, n_test=0, seed=3, image_size=128, per_quadrant=1, progress=False)
+    scenes = _scenes(out, "train")
+    for sc in scenes.values():
+        per_quad = Counter(o["quadrant"] for o in sc["objects"])
+        assert max(per_quad.values()) == 1 and sum(o["kind"] == "shape" for o in sc["objects"]) >= 2
+        for o in sc["objects"]:  # the legibility floors bind at 128 px
+            if o["kind"] == "shape":
+                assert o["bbox"][2] - o["bbox"][0] >= syn._MIN_SHAPE
+            elif o["kind"] == "word":
+                assert o["font_size"] >= syn._MIN_FONT
+    recs = _read_jsonl(out / "train.jsonl")
+    for r in recs:
+        _check_answer(r, scenes[r["image"]], scenes)
+    # per-colour / per-shape counts: the answer is drawn uniformly over the distinct counts on offer, so no single
+    # count dominates (drawing the colour first would answer "0" or "1" almost always)
+    counts = Counter(_answer(r) for r in recs if r["qtype"] in ("count_color", "count_shape"))
+    assert len(counts) >= 3 and max(counts.values()) < 0.5 * sum(counts.values())
+    with pytest.raises(ValueError, match="per_quadrant"):
+        generate_synthetic(tmp_path / "bad", n_train=1, n_val=0, n_test=0, per_quadrant=-1, progress=False)

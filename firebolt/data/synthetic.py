@@ -85,7 +85,7 @@ __all__ = [
     "combo_frequencies",
 ]
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 _GENERATOR_NAME = "firebolt.data.synthetic"
 
 FAMILIES: Tuple[str, ...] = (
@@ -145,6 +145,9 @@ _AXIS_COLOR = (40, 40, 40)
 _LABEL_COLOR = (20, 20, 20)
 
 _CHART_PROB = 0.4
+# legibility floors in pixels, binding only for small images (at 256 px every size is above them)
+_MIN_FONT = 10
+_MIN_SHAPE = 12
 _MAX_SCENE_TRIES = 50
 
 DEFAULT_SIZES = {"train": 2000, "val": 200, "test": 400}
@@ -195,7 +198,7 @@ def _place(rng: random.Random, quad_box, w: int, h: int, taken: List, margin: in
     return None
 
 
-def _sample_scene_once(rng: random.Random, image_size: int) -> dict:
+def _sample_scene_once(rng: random.Random, image_size: int, per_quadrant: int = 0) -> dict:
     S = image_size
     scale = S / 256.0
     margin = max(2, round(4 * scale))
@@ -229,11 +232,13 @@ def _sample_scene_once(rng: random.Random, image_size: int) -> dict:
 
     # words: distinct words, distinct colours, distinct quadrants
     n_words = min(len(free_quads), rng.choice((1, 2, 2)))
+    if per_quadrant:  # leave room for the two shapes every scene needs
+        n_words = min(n_words, max(0, per_quadrant * len(free_quads) - 2))
     word_quads = rng.sample(free_quads, n_words)
     word_texts = rng.sample(WORDS, n_words)
     word_colors = rng.sample(COLOR_NAMES, n_words)
     for q, text, color in zip(word_quads, word_texts, word_colors):
-        fs = max(8, round(rng.randint(13, 18) * scale))
+        fs = max(_MIN_FONT, round(rng.randint(13, 18) * scale))
         l, t, r, b = _text_bbox(_font(fs), text)
         box = _place(rng, _quadrant_box(q, S), r - l, b - t, taken[q], margin, pad)
         if box is None:
@@ -249,8 +254,8 @@ def _sample_scene_once(rng: random.Random, image_size: int) -> dict:
     for _ in range(n_shapes):
         color = rng.choices(COLOR_NAMES, weights=_COLOR_WEIGHTS)[0]
         shape = rng.choices(SHAPES, weights=_SHAPE_WEIGHTS)[0]
-        s = max(6, round(rng.randint(16, 36) * scale))
-        quads = free_quads[:]
+        s = max(_MIN_SHAPE, round(rng.randint(16, 36) * scale))
+        quads = [q for q in free_quads if not per_quadrant or len(taken[q]) < per_quadrant]
         rng.shuffle(quads)
         for q in quads:
             box = _place(rng, _quadrant_box(q, S), s, s, taken[q], margin, pad)
@@ -273,7 +278,7 @@ def _scene_ok(scene: dict) -> bool:
     return any(c == 1 for c in counts.values())  # at least one shape type is unique
 
 
-def sample_scene(rng: random.Random, image_size: int = 256) -> dict:
+def sample_scene(rng: random.Random, image_size: int = 256, per_quadrant: int = 0) -> dict:
     """Sample a scene (pure metadata, JSON-serialisable).
 
     ``scene = {"image_size", "background", "objects": [...]}`` where each object
@@ -281,13 +286,14 @@ def sample_scene(rng: random.Random, image_size: int = 256) -> dict:
     word (``text``, ``color``, ``quadrant``, ``bbox``, ``font_size``,
     ``origin``) or a chart (``quadrant``, ``bbox``, ``bars`` = list of
     ``{"label", "value"}``).  At least two shapes, at least one shape type
-    that occurs exactly once.
+    that occurs exactly once. ``per_quadrant`` > 0 caps the objects in each quadrant (1: every object is alone
+    in its tile, the distractors are in the other tiles); 0 = no cap.
     """
     if image_size < 64:
         raise ValueError("image_size must be >= 64, got %r" % (image_size,))
     scene = None
     for _ in range(_MAX_SCENE_TRIES):
-        scene = _sample_scene_once(rng, image_size)
+        scene = _sample_scene_once(rng, image_size, per_quadrant)
         if _scene_ok(scene):
             return scene
     assert scene is not None
@@ -456,19 +462,22 @@ def _q_attribute(scene, rng):
     return kind, "What color is the word %s?" % w["text"], w["color"]
 
 
+def _balanced_pick(rng, counts: Dict[str, int]):
+    """A (key, count) whose count is drawn uniformly from the distinct counts on offer, so that the answers are
+    balanced and a model cannot score by answering the most common count (VQAv2's reason for balanced pairs)."""
+    value = rng.choice(sorted(set(counts.values())))
+    return rng.choice(sorted(k for k, n in counts.items() if n == value)), value
+
+
 def _q_counting(scene, rng):
     shapes = _shapes(scene)
     kind = rng.choice(("count_color", "count_color", "count_shape", "count_shape", "count_all"))
     if kind == "count_all":
         return kind, "How many shapes are there?", str(len(shapes))
     if kind == "count_color":
-        present = sorted({o["color"] for o in shapes})
-        c = rng.choice(present) if rng.random() < 0.85 else rng.choice(COLOR_NAMES)
-        n = sum(o["color"] == c for o in shapes)
+        c, n = _balanced_pick(rng, {c: sum(o["color"] == c for o in shapes) for c in COLOR_NAMES})
         return kind, "How many %s shapes are there?" % c, str(n)
-    present = sorted({o["shape"] for o in shapes})
-    s = rng.choice(present) if rng.random() < 0.85 else rng.choice(SHAPES)
-    n = sum(o["shape"] == s for o in shapes)
+    s, n = _balanced_pick(rng, {s: sum(o["shape"] == s for o in shapes) for s in SHAPES})
     return kind, "How many %s are there?" % SHAPE_PLURALS[s], str(n)
 
 
@@ -522,7 +531,7 @@ def _q_position(scene, rng):
                 lr.append((na, a, nb, b))
             if abs(a["center"][1] - b["center"][1]) >= min_gap:
                 ab.append((na, a, nb, b))
-    options = ["quadrant_of"]
+    options = ["quadrant_of", "quadrant_of"]  # 4-way answers weighted up against the 2-way comparisons
     if lr:
         options.append("left_right")
     if ab:
@@ -642,8 +651,9 @@ def make_questions(scene: dict, seed_parts: Sequence, families: Sequence[str], f
 
 
 # --------------------------------------------------------------------------- generation
-def _params(n_train, n_val, n_test, seed, image_size, families) -> dict:
+def _params(n_train, n_val, n_test, seed, image_size, families, per_quadrant) -> dict:
     return {
+        "per_quadrant": int(per_quadrant),
         "n_train": int(n_train),
         "n_val": int(n_val),
         "n_test": int(n_test),
@@ -680,13 +690,13 @@ def _complete(out_dir: Path, manifest: dict) -> bool:
 
 
 def _generate_split(root: Path, split: str, n: int, seed: int, image_size: int, families: Sequence[str],
-                    progress: bool) -> dict:
+                    progress: bool, per_quadrant: int = 0) -> dict:
     from tqdm.auto import tqdm
 
     img_dir = root / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     # pass 1: scenes (cheap metadata) -> dataset-level statistics for POPE "popular"
-    scenes = [sample_scene(_rng(seed, split, i), image_size) for i in range(n)]
+    scenes = [sample_scene(_rng(seed, split, i), image_size, per_quadrant) for i in range(n)]
     freq = combo_frequencies(scenes)
     fam_counts: Counter = Counter()
     pope_counts: Counter = Counter()
@@ -743,13 +753,15 @@ def generate_synthetic(
     image_size: int = 256,
     families: Optional[Sequence[str]] = None,
     progress: bool = True,
+    per_quadrant: int = 0,
 ) -> dict:
     """Generate (or reuse) the synthetic benchmark in ``out_dir``; return the manifest.
 
     The returned dict is the content of ``manifest.json`` plus ``"out_dir"``
     (absolute path) and ``"reused"`` (True when an existing complete dataset
     with identical parameters and generator version was found; nothing is
-    written then).
+    written then).  ``per_quadrant`` caps the objects per quadrant (see
+    :func:`sample_scene`; 0 = no cap).
 
     Atomicity: everything is written into a hidden staging directory next to
     ``out_dir`` (``.<name>.tmp-*``) and moved into place with ``os.rename``
@@ -774,7 +786,9 @@ def generate_synthetic(
             raise ValueError("n_%s must be >= 0" % k)
     if image_size < 64:
         raise ValueError("image_size must be >= 64")
-    params = _params(n_train, n_val, n_test, seed, image_size, fams)
+    if int(per_quadrant) < 0:
+        raise ValueError("per_quadrant must be >= 0 (0 = no cap)")
+    params = _params(n_train, n_val, n_test, seed, image_size, fams, per_quadrant)
 
     out = Path(out_dir).absolute()
     existing = _read_manifest(out) if out.exists() else None
@@ -794,7 +808,8 @@ def generate_synthetic(
     try:
         splits = {}
         for split, n in sizes.items():
-            splits[split] = _generate_split(staging, split, int(n), int(seed), int(image_size), fams, progress)
+            splits[split] = _generate_split(staging, split, int(n), int(seed), int(image_size), fams, progress,
+                                            int(per_quadrant))
         manifest = {
             "generator": _GENERATOR_NAME,
             "version": GENERATOR_VERSION,
@@ -860,10 +875,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--families", nargs="*", default=None, choices=FAMILIES)
+    p.add_argument("--per-quadrant", type=int, default=0, help="objects per quadrant at most (0 = no cap)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     m = generate_synthetic(a.out_dir, a.n_train, a.n_val, a.n_test, a.seed, a.image_size, a.families,
-                           progress=not a.no_progress)
+                           progress=not a.no_progress, per_quadrant=a.per_quadrant)
     print(json.dumps({k: m[k] for k in ("out_dir", "reused", "splits")}, indent=2))
 
 

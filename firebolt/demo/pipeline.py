@@ -61,6 +61,9 @@ class StageSpec:
     grad_clip: float = 1.0
     max_length: int = 160
     max_samples: Optional[int] = None  # cap on training records (None: all)
+    # questions about one image packed into one multi-turn conversation (LLaVA-Instruct style), in a seeded random
+    # order; 1 = one question per conversation. Training only: validation and test stay single-turn.
+    turns_per_conversation: int = 1
     val_samples: int = 400  # validation records for perplexity (best epoch kept)
 
 
@@ -74,6 +77,7 @@ class DemoConfig:
     n_val: int = 200
     n_test: int = 400
     image_size: int = 128
+    per_quadrant: int = 1  # objects per quadrant: each object alone in its tile, distractors in the other tiles
     # grid geometry: global view + 2 x 2 tiles (the quadrants), every view encoded at view_size
     tile_size: int = 64
     tile_overlap: int = 0
@@ -95,6 +99,7 @@ class DemoConfig:
     cmm_top_k: int = 4
     cmm_ffn_mult: float = 2.0
     cmm_dropout: float = 0.0
+    cmm_grid_embeddings: bool = True
     ssm_type: str = "s4"
     ssm_state: int = 16
     # batches of 16: on 2 cores a step costs little more than at 64, and 4x the updates learn more per minute
@@ -137,6 +142,7 @@ class DemoConfig:
                     tile_overlap=self.tile_overlap, grid_rows=2, grid_cols=2, add_global_view=True,
                     view_size=self.view_size, cmm_heads=self.cmm_heads, cmm_head_dim=self.cmm_head_dim,
                     cmm_top_k=self.cmm_top_k, cmm_ffn_mult=self.cmm_ffn_mult, cmm_dropout=self.cmm_dropout,
+                    cmm_grid_embeddings=self.cmm_grid_embeddings,
                     ssm_type=self.ssm_type, ssm_config={"d_state": self.ssm_state})
 
     def to_dict(self) -> dict:
@@ -295,6 +301,32 @@ def question_conversations(records: list[dict], with_image: bool) -> list[tuple[
             for turn in conv:
                 turn["value"] = strip_image_token(turn["value"])
         out.append((conv, r["image"] if with_image else None))
+    return out
+
+
+def pack_turns(records: list[dict], turns: int, seed: int) -> list[dict]:
+    """Question records of the same image merged into multi-turn records of up to `turns` question/answer pairs,
+    in a random (seeded) order per image; only the first human turn keeps the `<image>` slot."""
+    if turns <= 1:
+        return records
+    from ..eval.prompts import strip_image_token
+
+    by_image: dict[str, list[dict]] = {}
+    for r in records:
+        by_image.setdefault(r["image"], []).append(r)
+    rng = random.Random(seed)
+    out = []
+    for image, group in by_image.items():
+        group = group[:]
+        rng.shuffle(group)
+        for k in range(0, len(group), turns):
+            conv = []
+            for j, r in enumerate(group[k : k + turns]):
+                human, answer = r["conversations"][0], r["conversations"][1]
+                text = strip_image_token(human["value"])
+                conv += [{"from": "human", "value": ("<image>\n" + text) if j == 0 else text},
+                         {"from": "gpt", "value": answer["value"]}]
+            out.append({"image": image, "conversations": conv})
     return out
 
 
@@ -720,7 +752,8 @@ def model_job(name: str, cfg: DemoConfig, paths: DemoPaths, progress: bool, posi
     stats = {}
     for spec, convs in ((cfg.stage1, caption_conversations), (cfg.stage2, question_conversations)):
         source = caps if spec is cfg.stage1 else q
-        train = encode_examples(processor, convs(source["train"], with_image), index["train"], spec.max_length)
+        records = pack_turns(source["train"], spec.turns_per_conversation, cfg.seed)
+        train = encode_examples(processor, convs(records, with_image), index["train"], spec.max_length)
         val = encode_examples(processor, convs(source["val"], with_image), index["val"], spec.max_length)
         stats[spec.name] = train_stage(model, processor, spec, train, val, xv["train"], xv["val"], cfg.seed, title,
                                        progress, _log, position)
@@ -764,7 +797,8 @@ def run_demo(output_dir="runs/demo", cfg: Optional[DemoConfig] = None, progress:
     try:
         with clock.phase("data"):
             manifest = generate_synthetic(paths.data, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
-                                          seed=cfg.seed, image_size=cfg.image_size, progress=progress)
+                                          seed=cfg.seed, image_size=cfg.image_size, progress=progress,
+                                          per_quadrant=cfg.per_quadrant)
             q_train = read_jsonl(paths.data / "train.jsonl")
             caps_train = read_jsonl(paths.data / "captions_train.jsonl")
             log("data: " + ", ".join(f"{s} {v['images']} images / {v['questions']} questions"
