@@ -146,7 +146,7 @@ _LABEL_COLOR = (20, 20, 20)
 
 _CHART_PROB = 0.4
 # legibility floors in pixels, binding only for small images (at 256 px every size is above them)
-_MIN_FONT = 10
+_MIN_FONT = 12
 _MIN_SHAPE = 12
 _MAX_SCENE_TRIES = 50
 

@@ -12,7 +12,7 @@ def add_demo_arguments(p):
     p.add_argument("--workers", type=int, default=None,
                    help="processes side by side: the two pretraining jobs, then one per model (default 3; quick 1)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
-    p.add_argument("--n-train", type=int, default=None, help="training images (default 2000; quick 48)")
+    p.add_argument("--n-train", type=int, default=None, help="training images (default 3000; quick 48)")
     p.add_argument("--n-val", type=int, default=None, help="validation images (default 200)")
     p.add_argument("--n-test", type=int, default=None, help="test images (default 400)")
     p.add_argument("--vision-epochs", type=float, default=None, help="SigLIP pretraining epochs over the view pairs")

@@ -73,7 +73,7 @@ class DemoConfig:
 
     seed: int = 0
     # data (images are generated at image_size: the model sees them unresized)
-    n_train: int = 2000
+    n_train: int = 3000
     n_val: int = 200
     n_test: int = 400
     image_size: int = 128
@@ -106,8 +106,11 @@ class DemoConfig:
     # (stage 1 caption perplexity 1.94 vs 2.07 after one epoch in the same time)
     stage1: StageSpec = field(default_factory=lambda: StageSpec("stage1", lr_fusion=3e-3, lr_language=0.0, epochs=1.0,
                                                                 batch_size=16))
+    # stage 2 packs the ~7 questions of an image into one conversation: 28% more answers per second than one
+    # question per row (the template and the image slot are paid once), and the val perplexity is still falling
     stage2: StageSpec = field(default_factory=lambda: StageSpec("stage2", lr_fusion=2e-3, lr_language=2e-3,
-                                                                epochs=3.0, batch_size=16))
+                                                                epochs=3.0, batch_size=16, max_length=320,
+                                                                turns_per_conversation=8))
     models: tuple = MODELS
     eval_batch_size: int = 128
     max_new_tokens: int = 6
@@ -125,7 +128,7 @@ class DemoConfig:
             cmm_heads=2, cmm_head_dim=8, ssm_state=8,
             stage1=StageSpec("stage1", lr_fusion=3e-3, lr_language=0.0, epochs=1.0, batch_size=16, val_samples=16),
             stage2=StageSpec("stage2", lr_fusion=2e-3, lr_language=2e-3, epochs=1.0, batch_size=32, val_samples=16,
-                             max_samples=96),
+                             max_samples=96, max_length=320, turns_per_conversation=8),
             eval_batch_size=64, workers=1,
         )
         return replace(cfg, **overrides)
