@@ -10,7 +10,8 @@ quadrants:
   one quadrant.
 
 Every object lies entirely inside one quadrant (so it is entirely inside one
-tile).  Questions are generated so that the answer depends on one small region
+tile); ``per_quadrant=1`` puts each object alone in its quadrant (the demo's
+setting), and small images keep shapes >= 12 px and type >= 12 px.  Questions are generated so that the answer depends on one small region
 among distractors.  Families (``record["family"]``) and their scorer
 (``record["scorer"]``):
 
