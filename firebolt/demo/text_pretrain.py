@@ -45,6 +45,8 @@ def pretrain_language(language_dir, texts: list[str], cfg: Optional[TextPretrain
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .vision_pretrain import warmup_cosine
+
     cfg = cfg or TextPretrainConfig()
     language_dir = Path(language_dir)
     tokenizer = AutoTokenizer.from_pretrained(language_dir)
@@ -59,16 +61,10 @@ def pretrain_language(language_dir, texts: list[str], cfg: Optional[TextPretrain
     torch.manual_seed(seed)
     steps_per_epoch = max(1, math.ceil(len(seqs) / cfg.batch_size))
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
-    warm = max(1, int(cfg.warmup_ratio * total))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     other = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), fused=True)
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return cfg.lr * (step + 1) / warm
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
     model.train()
     losses: list[float] = []
@@ -95,7 +91,7 @@ def pretrain_language(language_dir, texts: list[str], cfg: Optional[TextPretrain
                 ids[r, : len(seq)] = torch.tensor(seq)
                 mask[r, : len(seq)] = 1
             for group in opt.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = cfg.lr * warmup_cosine(step, total, cfg.warmup_ratio)
             logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
             labels = ids.masked_fill(mask == 0, -100)[:, 1:]
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
