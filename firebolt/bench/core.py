@@ -330,12 +330,12 @@ def run_bench(
                 e["per_token_s"] = summarize([1.0 / r["decode_tok_s"] for r in recs if r["decode_tok_s"]])
                 if late.get(n) and b == 1:
                     lr = late[n]
-                    early_s = e["per_token_s"]["median"]
-                    late_s = summarize([1.0 / r["decode_tok_s"] for r in lr if r["decode_tok_s"]])["median"]
+                    late_per_token = summarize([1.0 / r["decode_tok_s"] for r in lr if r["decode_tok_s"]])
+                    early_s, late_s = e["per_token_s"]["median"], late_per_token["median"]
                     e["late_in_answer"] = {
                         "prefix_tokens": lr[0]["prompt_tokens"],
                         "new_tokens": lr[0]["new_tokens"],
-                        "per_token_s": summarize([1.0 / r["decode_tok_s"] for r in lr if r["decode_tok_s"]]),
+                        "per_token_s": late_per_token,
                         "runs": [_strip(r) for r in lr],
                     }
                     # per-token cost grows ~linearly with the prefix: the mean over a whole answer of new_tokens
