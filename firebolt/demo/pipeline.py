@@ -61,8 +61,9 @@ class StageSpec:
     grad_clip: float = 1.0
     max_length: int = 160
     max_samples: Optional[int] = None  # cap on training records (None: all)
-    # questions about one image packed into one multi-turn conversation (LLaVA-Instruct style), in a seeded random
-    # order; 1 = one question per conversation. Training only: validation and test stay single-turn.
+    # stage 2 (questions): the questions about one image packed into one multi-turn conversation (LLaVA-Instruct
+    # style), in a seeded random order; 1 = one question per conversation. Training only: validation and test stay
+    # single-turn. Captions (stage 1) are one turn each.
     turns_per_conversation: int = 1
     val_samples: int = 400  # validation records for perplexity (best epoch kept)
 
@@ -753,11 +754,12 @@ def model_job(name: str, cfg: DemoConfig, paths: DemoPaths, progress: bool, posi
         q[s] = read_jsonl(paths.data / f"{s}.jsonl")
     model, processor = build_model(paths.vision, paths.language, cfg, fusion, cfg.seed)
     stats = {}
-    for spec, convs in ((cfg.stage1, caption_conversations), (cfg.stage2, question_conversations)):
-        source = caps if spec is cfg.stage1 else q
-        records = pack_turns(source["train"], spec.turns_per_conversation, cfg.seed)
-        train = encode_examples(processor, convs(records, with_image), index["train"], spec.max_length)
-        val = encode_examples(processor, convs(source["val"], with_image), index["val"], spec.max_length)
+    stages = ((cfg.stage1, caption_conversations, caps["train"], caps["val"]),
+              (cfg.stage2, question_conversations, pack_turns(q["train"], cfg.stage2.turns_per_conversation, cfg.seed),
+               q["val"]))
+    for spec, convs, train_records, val_records in stages:
+        train = encode_examples(processor, convs(train_records, with_image), index["train"], spec.max_length)
+        val = encode_examples(processor, convs(val_records, with_image), index["val"], spec.max_length)
         stats[spec.name] = train_stage(model, processor, spec, train, val, xv["train"], xv["val"], cfg.seed, title,
                                        progress, _log, position)
     items = load_benchmark("synthetic", paths.data, split="test")
