@@ -355,6 +355,14 @@ def test_per_quadrant_cap_small_images_and_balanced_counts(tmp_path):
     # per-colour / per-shape counts: the answer is drawn uniformly over the distinct counts on offer, so no single
     # count dominates (drawing the colour first would answer "0" or "1" almost always)
     counts = Counter(_answer(r) for r in recs if r["qtype"] in ("count_color", "count_shape"))
-    assert len(counts) >= 3 and max(counts.values()) < 0.5 * sum(counts.values())
+    assert len(counts) >= 3 and max(counts.values()) <= 0.5 * sum(counts.values())
+    # multiple-choice counts: balanced answers; the options are the 4 smallest counts holding the answer, so neither
+    # "the smallest non-zero option" (the old 0-7 distractors) nor "the smallest option" is a blind shortcut
+    mc = [r for r in recs if r["qtype"] == "mc_count"]
+    assert len(mc) >= 10
+    for r in mc:
+        n = int(r["options"]["ABCD".index(_answer(r))])
+        assert sorted(int(o) for o in r["options"]) == list(range(max(0, n - 3), max(0, n - 3) + 4))
+    assert len({r["options"]["ABCD".index(_answer(r))] for r in mc}) >= 3  # "0" included: any colour is asked
     with pytest.raises(ValueError, match="per_quadrant"):
         generate_synthetic(tmp_path / "bad", n_train=1, n_val=0, n_test=0, per_quadrant=-1, progress=False)

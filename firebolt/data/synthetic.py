@@ -86,7 +86,7 @@ __all__ = [
     "combo_frequencies",
 ]
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 _GENERATOR_NAME = "firebolt.data.synthetic"
 
 FAMILIES: Tuple[str, ...] = (
@@ -595,9 +595,12 @@ def _q_multiple_choice(scene, rng):
         q = "What shape is the %s object?" % c
         ans, pool = [s for s in shapes if s["color"] == c][0]["shape"], SHAPES
     elif kind == "mc_count":
-        c = rng.choice(sorted({o["color"] for o in shapes}))
-        n = sum(o["color"] == c for o in shapes)
-        q, ans, pool = "How many %s shapes are there?" % c, str(n), tuple(str(k) for k in range(0, 8))
+        # balanced answers, and the options are the 4 smallest counts that hold the answer: distractors drawn from
+        # 0-7 let a blind model pick the smallest non-zero option (85% right without the image), and a window placed
+        # at random lets it pick the smallest option
+        c, n = _balanced_pick(rng, {c: sum(o["color"] == c for o in shapes) for c in COLOR_NAMES})
+        lo = max(0, n - 3)
+        q, ans, pool = "How many %s shapes are there?" % c, str(n), tuple(str(k) for k in range(lo, lo + 4))
     elif kind == "mc_word":
         w = rng.choice(words)
         q, ans, pool = "What word is written in the %s?" % w["quadrant"], w["text"], WORDS

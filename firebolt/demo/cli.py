@@ -10,8 +10,8 @@ def add_demo_arguments(p):
                    help="smoke run of the whole pipeline on a few images in well under a minute (no accuracy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None,
-                   help="processes side by side: the two pretraining jobs, then one per model (default 3; quick 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
+                   help="processes side by side, one per model (default 3; quick 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per model process (default 1)")
     p.add_argument("--n-train", type=int, default=None, help="training images (default 3000; quick 48)")
     p.add_argument("--n-val", type=int, default=None, help="validation images (default 200)")
     p.add_argument("--n-test", type=int, default=None, help="test images (default 400)")
