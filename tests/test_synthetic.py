@@ -356,8 +356,8 @@ def test_per_quadrant_cap_small_images_and_balanced_counts(tmp_path):
     # count dominates (drawing the colour first would answer "0" or "1" almost always)
     counts = Counter(_answer(r) for r in recs if r["qtype"] in ("count_color", "count_shape"))
     assert len(counts) >= 3 and max(counts.values()) <= 0.5 * sum(counts.values())
-    # multiple-choice counts: balanced answers; the options are the 4 smallest counts holding the answer, so neither
-    # "the smallest non-zero option" (the old 0-7 distractors) nor "the smallest option" is a blind shortcut
+    # multiple-choice counts: balanced answers; the options are the 4 smallest counts holding the answer, so they no
+    # longer give it away (with distractors drawn from 0-7 the smallest non-zero option was nearly always right)
     mc = [r for r in recs if r["qtype"] == "mc_count"]
     assert len(mc) >= 10
     for r in mc:

@@ -599,10 +599,12 @@ def family_table(scores: dict) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- jobs
-# The expensive phases run as jobs: one process per job, one torch thread each, up to `workers` at a time. On a
-# small CPU this is much faster than one process with several threads (the demo's matrices are small, and threads
-# that spin-wait collapse as soon as another process competes for the cores), and it is deterministic: each job
-# seeds itself and reads everything it needs from disk, so the results do not depend on the schedule.
+# The expensive phases run as jobs. The three model jobs: one process each, one torch thread each, up to `workers` at
+# a time; on a small CPU this is much faster than one process with several threads (the demo's matrices are small,
+# and threads that spin-wait collapse as soon as another process competes for the cores). The two pretraining jobs:
+# one after the other in this process, with `pretrain_threads` threads (nothing else competes then). Deterministic
+# either way: each job seeds itself and reads everything it needs from disk, so the results do not depend on the
+# schedule.
 @dataclass
 class DemoPaths:
     out: Path
