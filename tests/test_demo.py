@@ -130,6 +130,10 @@ def test_demo_cli_rejects_bad_arguments(tmp_path):
         demo(output=str(tmp_path), quick=True, models="firebolt,oracle")
     with pytest.raises(ValueError, match="--n-train"):
         demo(output=str(tmp_path), quick=True, n_train=0)
+    with pytest.raises(ValueError, match="--pretrain-threads"):
+        demo(output=str(tmp_path), quick=True, pretrain_threads=0)
+    args = vars(build_parser().parse_args(["demo", "--pretrain-threads", "1"]))
+    assert args["pretrain_threads"] == 1
 
 
 def test_pack_turns_groups_questions_of_one_image():

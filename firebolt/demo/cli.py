@@ -12,6 +12,9 @@ def add_demo_arguments(p):
     p.add_argument("--workers", type=int, default=None,
                    help="processes side by side, one per model (default 3; quick 1)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per model process (default 1)")
+    p.add_argument("--pretrain-threads", type=int, default=None,
+                   help="torch CPU threads of the two pretraining jobs, run one after the other (default 2; use 1 "
+                        "on a machine that is busy with other work)")
     p.add_argument("--n-train", type=int, default=None, help="training images (default 3000; quick 48)")
     p.add_argument("--n-val", type=int, default=None, help="validation images (default 200)")
     p.add_argument("--n-test", type=int, default=None, help="test images (default 400)")
@@ -29,6 +32,7 @@ def demo(
     seed: int = 0,
     workers: int | None = None,
     threads: int = 1,
+    pretrain_threads: int | None = None,
     n_train: int | None = None,
     n_val: int | None = None,
     n_test: int | None = None,
@@ -52,6 +56,10 @@ def demo(
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     overrides = {"threads": threads}
+    if pretrain_threads is not None:
+        if pretrain_threads < 1:
+            raise ValueError(f"--pretrain-threads must be >= 1, got {pretrain_threads}")
+        overrides["pretrain_threads"] = pretrain_threads
     if workers is not None:
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
