@@ -56,15 +56,8 @@ def demo(
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     overrides = {"threads": threads}
-    if pretrain_threads is not None:
-        if pretrain_threads < 1:
-            raise ValueError(f"--pretrain-threads must be >= 1, got {pretrain_threads}")
-        overrides["pretrain_threads"] = pretrain_threads
-    if workers is not None:
-        if workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {workers}")
-        overrides["workers"] = workers
-    for key, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+    for key, value in (("workers", workers), ("pretrain_threads", pretrain_threads), ("n_train", n_train),
+                       ("n_val", n_val), ("n_test", n_test)):
         if value is not None:
             if value < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
