@@ -598,7 +598,7 @@ def _q_multiple_choice(scene, rng):
         # balanced answers, and the options are the 4 smallest counts that hold the answer, so that they do not give
         # it away: distractors drawn from 0-7 let a blind model pick the smallest non-zero option (85% right without
         # the image), and a window placed at random around the answer would make the smallest option a good guess
-        c, n = _balanced_pick(rng, {c: sum(o["color"] == c for o in shapes) for c in COLOR_NAMES})
+        c, n = _balanced_pick(rng, {c: by_color[c] for c in COLOR_NAMES})
         lo = max(0, n - 3)
         q, ans, pool = "How many %s shapes are there?" % c, str(n), tuple(str(k) for k in range(lo, lo + 4))
     elif kind == "mc_word":
