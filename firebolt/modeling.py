@@ -242,11 +242,14 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         logits_to_keep: int = 0,
         pool_mask: torch.Tensor | None = None,
         output_cmm_weights: bool = False,
+        supervised_logits_only: bool = False,
         **kwargs,
     ) -> FireboltOutput:
         """Full-sequence forward (training, prefill) or, with `past_key_values`, a decoding step over new tokens.
 
         labels (B, T) with IGNORE_INDEX (-100) where no loss is taken; aligned with input_ids (shifted inside).
+        supervised_logits_only (training, needs labels): the LM head runs only where the next token is supervised;
+        logits are then (N, V), one row per supervised token in row-major order (see `supervised_logits`).
         """
         if past_key_values is not None:
             return self.decode_step(input_ids, past_key_values, logits_to_keep)
@@ -256,6 +259,12 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         if pool_mask is None and labels is not None:
             pool_mask = attention_mask * (labels == IGNORE_INDEX)  # pool over the prompt only
         embeds, memory, state, weights = self.fuse(input_ids, attention_mask, image_embeds, pool_mask, output_cmm_weights)
+        if supervised_logits_only:
+            if labels is None:
+                raise ValueError("supervised_logits_only=True needs labels")
+            logits = self.supervised_logits(embeds, attention_mask, labels)
+            targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX].to(logits.device)
+            return FireboltOutput(loss=F.cross_entropy(logits.float(), targets), logits=logits, cmm_weights=weights)
         out = self.prefill(embeds, attention_mask, memory, state, use_cache, logits_to_keep, **kwargs)
         out.loss = self.loss(out.logits, labels) if labels is not None else None
         out.cmm_weights = weights
@@ -289,6 +298,17 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         if use_cache:
             cache = FireboltCache(out.past_key_values, attention_mask, position_ids[:, -1], memory, ssm_state)
         return FireboltOutput(logits=out.logits, past_key_values=cache)
+
+    def supervised_logits(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Logits (N, V) of the decoder over fused embeds (B, T', D) at the N positions whose next token is
+        supervised (labels[:, 1:] != IGNORE_INDEX, row-major; labels (B, T) align with the last T positions). With
+        assistant-only labels most positions are prompt, and the LM head (V x D per position, V = 65,536 for LFM2)
+        is skipped there: the same loss as `loss(prefill(...).logits, labels)` for a fraction of the head's cost."""
+        hidden = self.language_model.get_decoder()(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=self._positions(attention_mask),
+            use_cache=False).last_hidden_state  # (B, T', D)
+        hidden = hidden[:, -labels.shape[1] :][:, :-1]  # (B, T-1, D): position t predicts token t+1
+        return self.language_model.get_output_embeddings()(hidden[labels[:, 1:] != IGNORE_INDEX])  # (N, V)
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

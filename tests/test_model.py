@@ -159,6 +159,34 @@ def test_loss_only_on_labels(tiny_factory, red_image):
     torch.testing.assert_close(out.loss, expected)
 
 
+@pytest.mark.parametrize("fusion", ["cmm", "prepend"])
+def test_supervised_logits_only_gives_the_full_logits_loss(tiny_factory, red_image, fusion):
+    """The LM head on the supervised positions only: the same rows of logits, the same loss and gradients as the
+    full-sequence path (left-padded rows, labels in the middle and at the end of a row)."""
+    model, processor = tiny_factory(fusion_type=fusion, ssm_type="s4")
+    _, batch = _batch(processor, red_image)
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    labels[:, :-4] = -100
+    labels[0, -9:-6] = batch["input_ids"][0, -9:-6]  # a second supervised span in row 0
+    full = model(**batch, labels=labels)
+    sel = labels[:, 1:] != -100
+    fast = model(**batch, labels=labels, supervised_logits_only=True)
+    assert fast.logits.shape == (int(sel.sum()), full.logits.shape[-1])
+    torch.testing.assert_close(fast.logits, full.logits[:, -labels.shape[1]:][:, :-1][sel])
+    torch.testing.assert_close(fast.loss, full.loss)
+    grads = []
+    for out in (full, fast):
+        model.zero_grad()
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+    with pytest.raises(ValueError, match="needs labels"):
+        model(**batch, supervised_logits_only=True)
+
+
 def test_image_token_mismatch_is_a_clear_error(tiny_factory, red_image):
     model, processor = tiny_factory(fusion_type="cmm", ssm_type="s4")
     batch = processor(processor.build_prompt("What color?", True), images=red_image)

@@ -86,7 +86,7 @@ __all__ = [
     "combo_frequencies",
 ]
 
-GENERATOR_VERSION = "3"
+GENERATOR_VERSION = "4"
 _GENERATOR_NAME = "firebolt.data.synthetic"
 
 FAMILIES: Tuple[str, ...] = (
@@ -381,10 +381,17 @@ def _reading_key(obj: dict):
     return (QUADRANTS.index(obj["quadrant"]), y0, x0)
 
 
-def caption_scene(scene: dict) -> str:
-    """One caption describing every object, in quadrant (reading) order."""
+def caption_scene(scene: dict, rng: Optional[random.Random] = None) -> str:
+    """One caption describing every object, in quadrant (reading) order, or in an order shuffled by `rng`.
+
+    The generator shuffles: with one object per quadrant, reading order would name the quadrants in the same order in
+    every caption, so "at the top left" would follow the first phrase whatever the image shows, and captioning
+    (stage 1) would teach nothing about where things are."""
+    objects = sorted(scene["objects"], key=_reading_key)
+    if rng is not None:
+        rng.shuffle(objects)
     parts = []
-    for obj in sorted(scene["objects"], key=_reading_key):
+    for obj in objects:
         where = "at the " + obj["quadrant"]
         if obj["kind"] == "shape":
             parts.append("%s %s %s %s" % (_article(obj["color"]), obj["color"], obj["shape"], where))
@@ -713,7 +720,8 @@ def _generate_split(root: Path, split: str, n: int, seed: int, image_size: int, 
             scene = scenes[i]
             rel = f"images/{split}/{i:06d}.png"
             render_scene(scene).save(root / rel, format="PNG")
-            fc.write(json.dumps({"image": rel, "caption": caption_scene(scene)}, ensure_ascii=False) + "\n")
+            fc.write(json.dumps({"image": rel, "caption": caption_scene(scene, _rng(seed, split, i, "caption"))},
+                                ensure_ascii=False) + "\n")
             fs.write(json.dumps({"image": rel, **scene}, ensure_ascii=False) + "\n")
             pope_split = POPE_SPLITS[i % len(POPE_SPLITS)]
             for k, q in enumerate(make_questions(scene, (seed, split, i), families, freq, pope_split)):

@@ -127,11 +127,9 @@ def _forward_ce(model, batch: dict, pooled: bool) -> torch.Tensor:
     """Summed next-token cross-entropy (fp32) over the batch's supervised tokens."""
     kwargs = {"pool_mask": batch["pool_mask"]} if pooled else {}
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch.get("pixel_values"), **kwargs)
-    logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
-    targets = batch["labels"][:, 1:]  # (B, T-1)
-    sel = targets != IGNORE_INDEX
-    return F.cross_entropy(logits[sel].float(), targets[sel], reduction="sum")
+                pixel_values=batch.get("pixel_values"), labels=batch["labels"], supervised_logits_only=True, **kwargs)
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    return F.cross_entropy(out.logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")  # logits (N, V)
 
 
 def _fault_step() -> Optional[int]:
