@@ -24,6 +24,23 @@ def test_quadrant_phrases_and_view_texts():
     assert view_texts(cap, 5, grid_2x2=False, global_view=True)[1:] == [None] * 4
 
 
+def test_cut_view_per_row_equals_cutting_every_view():
+    """One view per row (the pretraining step's pairs) gives exactly the pixels of cutting all G views and picking
+    one, for tiles (a plain crop) and the global view (resized), in any order of rows."""
+    from types import SimpleNamespace
+
+    from firebolt.demo.vision_pretrain import cut_view_per_row, cut_views, normalize_uint8
+    from firebolt.vision import view_boxes
+
+    geo = SimpleNamespace(image_size=32, tile_size=16, tile_overlap=0, grid_rows=2, grid_cols=2, add_global_view=True,
+                          view_size=16)
+    boxes = view_boxes(geo)
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    views = torch.tensor([0, 3, 1, 0, 4, 2, 3])
+    expected = cut_views(normalize_uint8(images), boxes, 16)[torch.arange(7), views]
+    assert torch.equal(cut_view_per_row(images, views, boxes, 16), expected)
+
+
 def test_sigmoid_loss_prefers_matching_pairs():
     from firebolt.demo.vision_pretrain import sigmoid_loss
 

@@ -113,6 +113,20 @@ def cut_views(pixels: torch.Tensor, boxes: list[tuple[int, int, int, int]], view
     return torch.stack(views, dim=1)
 
 
+def cut_view_per_row(images: torch.Tensor, view_idx: torch.Tensor, boxes: list[tuple[int, int, int, int]],
+                     view_size: int) -> torch.Tensor:
+    """(P, 3, S, S) uint8 images and (P,) view indices -> (P, 3, s, s) normalised pixels: row p is view view_idx[p]
+    of `cut_views(normalize_uint8(images), ...)`, the same values, without normalising, cutting and resizing the
+    views a step does not use (a pretraining step pairs one view per image)."""
+    out = torch.empty(images.shape[0], images.shape[1], view_size, view_size)
+    for g in view_idx.unique().tolist():
+        rows = (view_idx == g).nonzero().squeeze(1)
+        y0, x0, y1, x1 = boxes[g]
+        out[rows] = cut_views(normalize_uint8(images[rows, :, y0:y1, x0:x1]), [(0, 0, y1 - y0, x1 - x0)],
+                              view_size)[:, 0]
+    return out
+
+
 def normalize_uint8(images: torch.Tensor, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
     """(N, 3, S, S) uint8 -> float32 normalised like FireboltProcessor.preprocess_image."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -259,8 +273,8 @@ def pretrain_vision(
                 positives[a, [col[u] for u in view_phrases[r]]] = True
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            pixels = cut_views(normalize_uint8(images[batch[:, 0]]), boxes, view_size)  # (P, G, 3, s, s)
-            img = _features(model.get_image_features(pixel_values=pixels[torch.arange(len(rows)), batch[:, 1]]))
+            pixels = cut_view_per_row(images[batch[:, 0]], batch[:, 1], boxes, view_size)  # (P, 3, s, s)
+            img = _features(model.get_image_features(pixel_values=pixels))
             txt = encode_phrases(model, [tokens[u] for u in uniq], pad)
             loss = sigmoid_loss(img, txt, positives, model.logit_scale, model.logit_bias)
             opt.zero_grad(set_to_none=True)
@@ -332,5 +346,5 @@ def phrase_precision(model, images: torch.Tensor, captions: list[str], tokenizer
     return out
 
 
-__all__ = ["VisionPretrainConfig", "caption_phrases", "quadrant_phrases", "view_texts", "cut_views", "normalize_uint8",
-           "build_siglip", "sigmoid_loss", "pretrain_vision", "phrase_precision", "EMPTY_TILE"]
+__all__ = ["VisionPretrainConfig", "caption_phrases", "quadrant_phrases", "view_texts", "cut_views", "cut_view_per_row",
+           "normalize_uint8", "build_siglip", "sigmoid_loss", "pretrain_vision", "phrase_precision", "EMPTY_TILE"]
