@@ -105,8 +105,8 @@ class DemoConfig:
     ssm_state: int = 16
     # batches of 16: on 2 cores a step costs little more than at 64, and 4x the updates learn more per minute
     # (stage 1 caption perplexity 1.94 vs 2.07 after one epoch in the same time). 2 epochs: the CMM warm-up is
-    # cheap, and runs after 1 epoch reached 52-54% where every run after 2-4 epochs reached 58-61% (one run each,
-    # seed spread up to ~8 points: docs/demo/DIAGNOSIS.md)
+    # cheap; with seed 0, runs after 1 epoch reached 52-54% and runs after 2-4 epochs 58-61% (one run each; seed 2
+    # with 2 epochs reached 52.4%, so the gain is within the seed spread of a single run: docs/demo/DIAGNOSIS.md)
     stage1: StageSpec = field(default_factory=lambda: StageSpec("stage1", lr_fusion=3e-3, lr_language=0.0, epochs=2.0,
                                                                 batch_size=16))
     # stage 2 packs the ~7 questions of an image into one conversation: 28% more answers per second than one
