@@ -263,8 +263,8 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
             if labels is None:
                 raise ValueError("supervised_logits_only=True needs labels")
             logits = self.supervised_logits(embeds, attention_mask, labels)
-            targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX].to(logits.device)
-            return FireboltOutput(loss=F.cross_entropy(logits.float(), targets), logits=logits, cmm_weights=weights)
+            loss = F.cross_entropy(logits.float(), self.supervised_targets(labels).to(logits.device))
+            return FireboltOutput(loss=loss, logits=logits, cmm_weights=weights)
         out = self.prefill(embeds, attention_mask, memory, state, use_cache, logits_to_keep, **kwargs)
         out.loss = self.loss(out.logits, labels) if labels is not None else None
         out.cmm_weights = weights
@@ -299,7 +299,8 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
             cache = FireboltCache(out.past_key_values, attention_mask, position_ids[:, -1], memory, ssm_state)
         return FireboltOutput(logits=out.logits, past_key_values=cache)
 
-    def supervised_logits(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def supervised_logits(self, embeds: torch.Tensor, attention_mask: torch.Tensor,
+                          labels: torch.Tensor) -> torch.Tensor:
         """Logits (N, V) of the decoder over fused embeds (B, T', D) at the N positions whose next token is
         supervised (labels[:, 1:] != IGNORE_INDEX, row-major; labels (B, T) align with the last T positions). With
         assistant-only labels most positions are prompt, and the LM head (V x D per position, V = 65,536 for LFM2)
@@ -309,6 +310,12 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
             use_cache=False).last_hidden_state  # (B, T', D)
         hidden = hidden[:, -labels.shape[1] :][:, :-1]  # (B, T-1, D): position t predicts token t+1
         return self.language_model.get_output_embeddings()(hidden[labels[:, 1:] != IGNORE_INDEX])  # (N, V)
+
+    @staticmethod
+    def supervised_targets(labels: torch.Tensor) -> torch.Tensor:
+        """The N supervised next tokens (N,) of labels (B, T), in the row order of `supervised_logits`."""
+        targets = labels[:, 1:]  # position t predicts token t+1
+        return targets[targets != IGNORE_INDEX]
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -402,13 +402,10 @@ def forward_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
     """The model's forward with cached grid embeddings: fuse -> decoder -> next-token CE on the answer tokens."""
     import torch.nn.functional as F
 
-    from ..train.collate import IGNORE_INDEX
-
     embeds, _, _, _ = model.fuse(batch["input_ids"], batch["attention_mask"], batch["image_embeds"],
                                  batch.get("pool_mask"))
     logits = model.supervised_logits(embeds, batch["attention_mask"], batch["labels"])  # (N, V): answer tokens only
-    targets = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction=reduction)
+    return F.cross_entropy(logits.float(), model.supervised_targets(batch["labels"]), reduction=reduction)
 
 
 @torch.no_grad()

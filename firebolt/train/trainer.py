@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .collate import IGNORE_INDEX, collate
+from .collate import collate
 from .data import MixedStream, _EncodeFn, open_source, source_length
 from .dist import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from .optim import apply_trainable, build_optimizer, build_scheduler, param_groups, set_train_modes
@@ -128,8 +128,8 @@ def _forward_ce(model, batch: dict, pooled: bool) -> torch.Tensor:
     kwargs = {"pool_mask": batch["pool_mask"]} if pooled else {}
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 pixel_values=batch.get("pixel_values"), labels=batch["labels"], supervised_logits_only=True, **kwargs)
-    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    return F.cross_entropy(out.logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")  # logits (N, V)
+    # summed over the N supervised tokens (logits (N, V)); 0 for a batch without any
+    return F.cross_entropy(out.logits.float(), _unwrap(model).supervised_targets(batch["labels"]), reduction="sum")
 
 
 def _fault_step() -> Optional[int]:
