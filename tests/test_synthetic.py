@@ -360,7 +360,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
 
 def test_per_quadrant_cap_small_images_and_balanced_counts(tmp_path):
     out = tmp_path / "capped"
-    generate_synthetic(out, n_train=150, n_val=0, n_test=0, seed=3, image_size=128, per_quadrant=1, progress=False)
+    generate_synthetic(out, n_train=600, n_val=0, n_test=0, seed=3, image_size=128, per_quadrant=1, progress=False)
     scenes = _scenes(out, "train")
     for sc in scenes.values():
         per_quad = Counter(o["quadrant"] for o in sc["objects"])
@@ -374,10 +374,10 @@ def test_per_quadrant_cap_small_images_and_balanced_counts(tmp_path):
     for r in recs:
         _check_answer(r, scenes[r["image"]], scenes)
     # per-colour / per-shape counts: the answer is drawn uniformly over the distinct counts on offer, so no single
-    # count dominates (drawing the colour first would answer "0" or "1" almost always; the uniform draw gives the
-    # commonest count ~49% of these questions over 600 images at this setting, 54% over these 150)
+    # count dominates: over these 600 images the commonest count is 48.6% of the answers, while drawing the colour
+    # (or shape) first would make "0" 62% of them (600 images give a ~2-point sampling spread; 150 gave 54%)
     counts = Counter(_answer(r) for r in recs if r["qtype"] in ("count_color", "count_shape"))
-    assert len(counts) >= 3 and max(counts.values()) <= 0.6 * sum(counts.values())
+    assert len(counts) >= 3 and max(counts.values()) <= 0.55 * sum(counts.values())
     # multiple-choice counts: balanced answers; the options are the 4 smallest counts holding the answer, so they no
     # longer give it away (with distractors drawn from 0-7 the smallest non-zero option was nearly always right)
     mc = [r for r in recs if r["qtype"] == "mc_count"]
