@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .collate import collate
@@ -128,8 +127,10 @@ def _forward_ce(model, batch: dict, pooled: bool) -> torch.Tensor:
     kwargs = {"pool_mask": batch["pool_mask"]} if pooled else {}
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 pixel_values=batch.get("pixel_values"), labels=batch["labels"], supervised_logits_only=True, **kwargs)
-    # summed over the N supervised tokens (logits (N, V)); 0 for a batch without any
-    return F.cross_entropy(out.logits.float(), _unwrap(model).supervised_targets(batch["labels"]), reduction="sum")
+    # the forward's loss is the mean over the N supervised tokens (logits (N, V)): the sum is N times it, and 0 (not
+    # N x nan) for a batch without any
+    n = out.logits.shape[0]
+    return out.loss * n if n else out.logits.sum()
 
 
 def _fault_step() -> Optional[int]:
