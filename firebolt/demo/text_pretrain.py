@@ -45,8 +45,7 @@ def pretrain_language(language_dir, texts: list[str], cfg: Optional[TextPretrain
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..train.optim import lr_factor
-    from ..train.recipe import OptimConfig
+    from .vision_pretrain import warmup_cosine
 
     cfg = cfg or TextPretrainConfig()
     language_dir = Path(language_dir)
@@ -67,7 +66,6 @@ def pretrain_language(language_dir, texts: list[str], cfg: Optional[TextPretrain
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), fused=True)
 
-    schedule = OptimConfig(schedule="cosine", warmup_ratio=cfg.warmup_ratio)  # the trainer's warmup + cosine to 0
     model.train()
     losses: list[float] = []
     samples = tokens = step = 0
@@ -93,7 +91,7 @@ def pretrain_language(language_dir, texts: list[str], cfg: Optional[TextPretrain
                 ids[r, : len(seq)] = torch.tensor(seq)
                 mask[r, : len(seq)] = 1
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, total, schedule)
+                group["lr"] = cfg.lr * warmup_cosine(step, total, cfg.warmup_ratio)
             logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
             labels = ids.masked_fill(mask == 0, -100)[:, 1:]
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),

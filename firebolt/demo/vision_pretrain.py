@@ -164,6 +164,15 @@ def sigmoid_loss(img: torch.Tensor, txt: torch.Tensor, positives: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------- training
+def warmup_cosine(step: int, total: int, warmup_ratio: float) -> float:
+    """The demo pretraining schedule's factor at `step` of `total`: linear warmup over max(1, int(ratio * total))
+    steps reaching 1 at the last warmup step, then a cosine to 0."""
+    warm = max(1, int(warmup_ratio * total))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
 def phrase_tokens(tokenizer, text: str, max_len: int) -> list[int]:
     """A phrase's ids followed by the end token: SigLIP's text tower pools the last position, which is then the
     same token for every phrase (read after the whole phrase), like SigLIP's own end-of-text token."""
@@ -209,8 +218,6 @@ def pretrain_vision(
     """
     from tqdm.auto import tqdm
 
-    from ..train.optim import lr_factor
-    from ..train.recipe import OptimConfig
     from ..vision import view_boxes
 
     cfg = cfg or VisionPretrainConfig()
@@ -242,10 +249,8 @@ def pretrain_vision(
     steps_per_epoch = max(1, len(views) // cfg.batch_size)
     total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
 
-    schedule = OptimConfig(schedule="cosine", warmup_ratio=cfg.warmup_ratio)  # the trainer's warmup + cosine to 0
-
     def lr_at(step: int) -> float:
-        return cfg.lr * lr_factor(step, total, schedule)
+        return cfg.lr * warmup_cosine(step, total, cfg.warmup_ratio)
 
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
