@@ -166,7 +166,11 @@ def sigmoid_loss(img: torch.Tensor, txt: torch.Tensor, positives: torch.Tensor, 
 # ---------------------------------------------------------------------------------------------- training
 def warmup_cosine(step: int, total: int, warmup_ratio: float) -> float:
     """The demo pretraining schedule's factor at `step` of `total`: linear warmup over max(1, int(ratio * total))
-    steps reaching 1 at the last warmup step, then a cosine to 0."""
+    steps reaching 1 at the last warmup step, then a cosine to 0.
+
+    Kept apart from the trainer's `lr_factor` (whose warmup reaches 1 one step later): the demo's figures were
+    measured with this one, and with `lr_factor` instead the whole demo ended 12.6 points lower (the outcome is that
+    sensitive to small changes upstream; docs/demo/DIAGNOSIS.md, session 7)."""
     warm = max(1, int(warmup_ratio * total))
     if step < warm:
         return (step + 1) / warm
