@@ -1,6 +1,6 @@
 """Firebolt-VL: an efficient vision-language model (SigLIP grids -> Cross-Modal Modulator -> LFM2).
 
-Top-level names are imported lazily so that light commands (`firebolt score`, `firebolt --help`) start fast.
+Top-level names are imported lazily so that light commands (`firebolt-vl score`, `firebolt-vl --help`) start fast.
 """
 
 import importlib
@@ -8,13 +8,13 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "FireboltConfig": "firebolt.configuration",
-    "FireboltForConditionalGeneration": "firebolt.modeling",
-    "FireboltCache": "firebolt.modeling",
-    "FireboltOutput": "firebolt.modeling",
-    "FireboltProcessor": "firebolt.processing",
-    "ImageLoadError": "firebolt.processing",
-    "load_image": "firebolt.processing",
+    "FireboltConfig": "firebolt_vl.configuration",
+    "FireboltForConditionalGeneration": "firebolt_vl.modeling",
+    "FireboltCache": "firebolt_vl.modeling",
+    "FireboltOutput": "firebolt_vl.modeling",
+    "FireboltProcessor": "firebolt_vl.processing",
+    "ImageLoadError": "firebolt_vl.processing",
+    "load_image": "firebolt_vl.processing",
 }
 __all__ = list(_EXPORTS)
 

@@ -1,4 +1,4 @@
-"""`firebolt build` and `firebolt generate`."""
+"""`firebolt-vl build` and `firebolt-vl generate`."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ class FireboltConfig(PreTrainedConfig):
         freeze_vision (`bool`, defaults to `True`): the vision tower runs under no_grad and is excluded from training.
     """
 
-    model_type = "firebolt"
+    model_type = "firebolt_vl"
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="lfm2"),
@@ -120,5 +120,23 @@ class FireboltConfig(PreTrainedConfig):
     def get_text_config(self, *args, **kwargs):
         return self.text_config
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        # directories saved before the package was renamed say model_type "firebolt": same fields, same weights
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") in LEGACY_MODEL_TYPES:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
 
-__all__ = ["FireboltConfig", "FUSION_TYPES", "OUTPUT_MODES", "SSM_TYPES"]
+
+class FireboltLegacyConfig(FireboltConfig):
+    """`AutoConfig` entry for model directories saved before the rename (model_type "firebolt")."""
+
+    model_type = "firebolt"
+
+
+LEGACY_MODEL_TYPES = ("firebolt",)
+MODEL_TYPES = (FireboltConfig.model_type, *LEGACY_MODEL_TYPES)  # what a Firebolt-VL config.json may say
+
+
+__all__ = ["FireboltConfig", "FireboltLegacyConfig", "MODEL_TYPES", "FUSION_TYPES", "OUTPUT_MODES", "SSM_TYPES"]

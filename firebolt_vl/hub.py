@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .configuration import MODEL_TYPES
 from .processing import PROCESSOR_FILE, FireboltProcessor
 
 
@@ -59,8 +60,8 @@ def check_model_dir(directory) -> Path:
         model_type = json.loads(config.read_text()).get("model_type")
     except json.JSONDecodeError as e:
         raise ModelDirError(f"{config} is not valid JSON: {e}") from None
-    if model_type != "firebolt":
-        raise ModelDirError(f"{directory} holds a {model_type!r} model, not a Firebolt-VL ('firebolt') model")
+    if model_type not in MODEL_TYPES:
+        raise ModelDirError(f"{directory} holds a {model_type!r} model, not a Firebolt-VL ('firebolt_vl') model")
     if not any(directory.glob("*.safetensors")):
         raise ModelDirError(f"{directory} has no weights (model.safetensors is missing)")
     if not (directory / PROCESSOR_FILE).is_file():

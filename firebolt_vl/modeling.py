@@ -40,7 +40,7 @@ from transformers.generation.logits_process import (
 from transformers.modeling_outputs import ModelOutput
 
 from .cmm import CrossModalModulator, GridMemory
-from .configuration import FireboltConfig
+from .configuration import FireboltConfig, FireboltLegacyConfig
 from .fusion import CrossAttentionResampler, PrependProjector
 from .vision import GridVisionEncoder
 
@@ -62,7 +62,7 @@ class FireboltCache:
 class FireboltOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: FireboltCache | None = None
+    cache: FireboltCache | None = None
     cmm_weights: torch.Tensor | None = None  # (B, T, G) head-averaged top-k grid weights, when asked for
 
 
@@ -237,7 +237,7 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        past_key_values: FireboltCache | None = None,
+        cache: FireboltCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
         pool_mask: torch.Tensor | None = None,
@@ -245,14 +245,14 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         supervised_logits_only: bool = False,
         **kwargs,
     ) -> FireboltOutput:
-        """Full-sequence forward (training, prefill) or, with `past_key_values`, a decoding step over new tokens.
+        """Full-sequence forward (training, prefill) or, with `cache`, a decoding step over new tokens.
 
         labels (B, T) with IGNORE_INDEX (-100) where no loss is taken; aligned with input_ids (shifted inside).
         supervised_logits_only (training, needs labels): the LM head runs only where the next token is supervised;
         logits are then (N, V), one row per supervised token in row-major order (see `supervised_logits`).
         """
-        if past_key_values is not None:
-            return self.decode_step(input_ids, past_key_values, logits_to_keep)
+        if cache is not None:
+            return self.decode_step(input_ids, cache, logits_to_keep)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         image_embeds = self.encode_images(pixel_values) if pixel_values is not None else None
@@ -289,15 +289,15 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=lm_cache,
+            cache=lm_cache,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
         cache = None
         if use_cache:
-            cache = FireboltCache(out.past_key_values, attention_mask, position_ids[:, -1], memory, ssm_state)
-        return FireboltOutput(logits=out.logits, past_key_values=cache)
+            cache = FireboltCache(out.cache, attention_mask, position_ids[:, -1], memory, ssm_state)
+        return FireboltOutput(logits=out.logits, cache=cache)
 
     def supervised_logits(self, embeds: torch.Tensor, attention_mask: torch.Tensor,
                           labels: torch.Tensor) -> torch.Tensor:
@@ -343,12 +343,12 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
             inputs_embeds=embeds,
             attention_mask=cache.attention_mask,
             position_ids=position_ids,
-            past_key_values=cache.lm,
+            cache=cache.lm,
             use_cache=True,
             logits_to_keep=logits_to_keep,
         )
-        cache.lm = out.past_key_values
-        return FireboltOutput(logits=out.logits, past_key_values=cache)
+        cache.lm = out.cache
+        return FireboltOutput(logits=out.logits, cache=cache)
 
     # ---- generation ----
     def _default_ids(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
@@ -424,7 +424,7 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
 
         if use_cache:
             out = self(input_ids, attention_mask, pixel_values, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            cache = out.cache
         else:
             pool = attention_mask
             out = self(input_ids, attention_mask, pixel_values, logits_to_keep=1, pool_mask=pool)
@@ -467,6 +467,7 @@ def load_vision_tower(path_or_id: str, dtype: torch.dtype | None = None) -> PreT
     return classes[cfg.model_type].from_pretrained(path_or_id, dtype=dtype)
 
 
-AutoConfig.register("firebolt", FireboltConfig, exist_ok=True)
+AutoConfig.register(FireboltConfig.model_type, FireboltConfig, exist_ok=True)
+AutoConfig.register(FireboltLegacyConfig.model_type, FireboltLegacyConfig, exist_ok=True)  # saved before the rename
 AutoModel.register(FireboltConfig, FireboltForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(FireboltConfig, FireboltForConditionalGeneration, exist_ok=True)

@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -9,10 +10,39 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
+class _DeprecationLog(logging.Handler):
+    """Collects the deprecation notices transformers logs (not all of them go through `warnings`: 5.24's
+    `past_key_values` -> `cache` rename is a `logger.warning_once`)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "deprecat" in message.lower() or "will be removed" in message.lower():
+            self.messages.append(message)
+
+
+_DEPRECATIONS = _DeprecationLog()
+logging.getLogger("transformers").addHandler(_DEPRECATIONS)
+
+
+@pytest.fixture(autouse=True)
+def no_transformers_deprecations():
+    """Fail the test in which our code triggers a deprecation that transformers only logs, while it is still a
+    notice. The `warnings` kind (FutureWarning / DeprecationWarning attributed to our modules or tests) is turned
+    into an error by `filterwarnings` in pyproject.toml."""
+    start = len(_DEPRECATIONS.messages)
+    yield
+    new = _DEPRECATIONS.messages[start:]
+    assert not new, f"transformers logged a deprecation during this test: {new[0]}"
+
+
 @pytest.fixture(scope="session")
 def tiny_factory(tmp_path_factory):
     """build(**config overrides) -> (model in eval mode, processor), cached per set of overrides."""
-    from firebolt.presets import build_tiny
+    from firebolt_vl.presets import build_tiny
 
     cache = {}
 

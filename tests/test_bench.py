@@ -1,4 +1,4 @@
-"""`firebolt bench`: the tiny-preset run end to end (JSON summary, every variant, PNGs), the benchmark's decoding loops
+"""`firebolt-vl bench`: the tiny-preset run end to end (JSON summary, every variant, PNGs), the benchmark's decoding loops
 against the models' own generate, byte accounting, and the CMM decoding speed-up (FiLM tables) against forward.
 
 Speed is measured by the benchmark itself, never asserted here."""
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
-    cmd = [sys.executable, "-m", "firebolt.cli", "bench", "--preset", "tiny", "--device", "cpu", "--new-tokens", "8",
+    cmd = [sys.executable, "-m", "firebolt_vl.cli", "bench", "--preset", "tiny", "--device", "cpu", "--new-tokens", "8",
            "--nocache-tokens", "3", "--warmup", "1", "--repeats", "2", "--threads", "1", "--scaling-lengths", "16,32",
            "--scaling-grids", "1,3", "--output", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -81,14 +81,14 @@ def test_tiny_bench_summary_and_files(tiny_run):
 
 @pytest.fixture(scope="module")
 def suite():
-    from firebolt.bench.suite import build_suite
+    from firebolt_vl.bench.suite import build_suite
 
     torch.set_num_threads(1)
     return build_suite("tiny", torch.device("cpu"), torch.float32, ["firebolt", "prepend", "lfm2_vl", "lfm2"])
 
 
 def test_lockstep_solo_and_static_cache_decode_the_same_tokens(suite):
-    from firebolt.bench.runner import StaticRunner, run_cached, run_lockstep
+    from firebolt_vl.bench.runner import StaticRunner, run_cached, run_lockstep
 
     variants = list(suite.variants.values())
     recs, _ = run_lockstep(variants, 1, 7)
@@ -104,7 +104,7 @@ def test_lockstep_solo_and_static_cache_decode_the_same_tokens(suite):
 
 
 def test_byte_accounting(suite):
-    from firebolt.bench.suite import cmm_step_bytes, decoder_step_bytes, module_bytes
+    from firebolt_vl.bench.suite import cmm_step_bytes, decoder_step_bytes, module_bytes
 
     lm = suite.variants["lfm2"].model
     emb = lm.get_input_embeddings().weight
@@ -121,7 +121,7 @@ def test_byte_accounting(suite):
 def test_cmm_step_with_film_tables_matches_forward(ssm):
     """Decoding steps (eval, no grad) take FiLM parameters from per-image tables; same outputs as forward, rows
     without an image included."""
-    from firebolt.cmm import CrossModalModulator
+    from firebolt_vl.cmm import CrossModalModulator
 
     torch.manual_seed(0)
     cmm = CrossModalModulator(32, 24, heads=2, head_dim=8, top_k=3, dropout=0.1, ssm_type=ssm,
@@ -148,7 +148,7 @@ def test_cmm_step_with_film_tables_matches_forward(ssm):
 def test_s4_short_sequence_scan_matches_the_kernel_path(dtype):
     """At inference short inputs run the S4 recurrence instead of building the length-L kernel: same outputs and
     states, with padding (left and interior) and a carried state."""
-    from firebolt.ssm.s4 import S4Block
+    from firebolt_vl.ssm.s4 import S4Block
 
     torch.manual_seed(0)
     s4 = S4Block(16, d_state=8).eval().to(dtype)
@@ -173,7 +173,7 @@ def test_s4_short_sequence_scan_matches_the_kernel_path(dtype):
 
 def test_s4_batch1_long_scan_matches_the_kernel_path():
     """Batch 1 on CPU scans at any length (cheaper than the kernel there); same outputs and state."""
-    from firebolt.ssm.s4 import S4Block
+    from firebolt_vl.ssm.s4 import S4Block
 
     torch.manual_seed(1)
     s4 = S4Block(16, d_state=8).eval()

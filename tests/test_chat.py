@@ -1,4 +1,4 @@
-"""`firebolt chat`: streamed answers equal `generate`, multi-turn history, /image and its errors, piped stdin."""
+"""`firebolt-vl chat`: streamed answers equal `generate`, multi-turn history, /image and its errors, piped stdin."""
 
 import io
 import subprocess
@@ -7,8 +7,8 @@ import sys
 import pytest
 from PIL import Image
 
-from firebolt.serve.chat import ChatSession, run_chat
-from firebolt.serve.engine import IncrementalText
+from firebolt_vl.serve.chat import ChatSession, run_chat
+from firebolt_vl.serve.engine import IncrementalText
 
 
 def greedy_answer(model, processor, messages, image, max_new_tokens):
@@ -88,13 +88,13 @@ def test_incremental_text_holds_partial_characters_and_stops(tiny_factory):
 
 
 def test_chat_command_with_piped_input(tiny_factory, red_image, tmp_path, blue_path):
-    from firebolt.hub import save_model_dir
+    from firebolt_vl.hub import save_model_dir
 
     model, processor = tiny_factory()
     save_model_dir(model, processor, tmp_path / "model")
     red_image.save(tmp_path / "red.png")
     r = subprocess.run(
-        [sys.executable, "-m", "firebolt.cli", "chat", "--model", str(tmp_path / "model"), "--image",
+        [sys.executable, "-m", "firebolt_vl.cli", "chat", "--model", str(tmp_path / "model"), "--image",
          str(tmp_path / "red.png"), "--max-new-tokens", "5"],
         input=f"hello\n/image {blue_path}\nwhat color?\n/quit\n", capture_output=True, text=True, timeout=300,
     )
@@ -104,7 +104,7 @@ def test_chat_command_with_piped_input(tiny_factory, red_image, tmp_path, blue_p
 
 
 def test_chat_command_errors(tmp_path, capsys):
-    from firebolt.cli import main
+    from firebolt_vl.cli import main
 
     assert main(["chat", "--model", str(tmp_path), "--image", str(tmp_path / "nope.png")]) == 2
     assert "image file not found" in capsys.readouterr().err

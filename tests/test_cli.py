@@ -6,11 +6,11 @@ import sys
 import pytest
 from PIL import Image
 
-from firebolt.testing import truncated_jpeg
+from firebolt_vl.testing import truncated_jpeg
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "firebolt.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "firebolt_vl.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for the training-data readers (firebolt.data.formats)."""
+"""Tests for the training-data readers (firebolt_vl.data.formats)."""
 
 import io
 import json
@@ -8,8 +8,8 @@ import tarfile
 import pytest
 from PIL import Image, ImageFile
 
-from firebolt.data import formats as fmt
-from firebolt.data.formats import (
+from firebolt_vl.data import formats as fmt
+from firebolt_vl.data.formats import (
     CAPTION_PROMPTS,
     CaptionReader,
     ConversationReader,
@@ -61,7 +61,7 @@ def _conv_records(tmp_path):
 
 
 def _check_conversation_reader(reader, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="firebolt.data.formats"):
+    with caplog.at_level(logging.WARNING, logger="firebolt_vl.data.formats"):
         recs = list(reader)
     assert [r["id"] for r in recs] == ["r0", "r1", "r2", "r6"]
     assert reader.stats == {"ok": 4, "skipped_missing": 1, "skipped_corrupt": 1, "skipped_invalid": 1}
@@ -81,7 +81,7 @@ def _check_conversation_reader(reader, tmp_path, caplog):
     assert str(tmp_path / "imgs" / "missing.png") in text and str(tmp_path / "imgs" / "broken.png") in text
     # a second pass counts again but does not warn again
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="firebolt.data.formats"):
+    with caplog.at_level(logging.WARNING, logger="firebolt_vl.data.formats"):
         assert len(list(reader)) == 4
     assert "missing.png" not in caplog.text
     assert reader.stats["skipped_missing"] == 2
@@ -150,7 +150,7 @@ def test_webdataset_tar_skips_truncated(tmp_path, caplog):
     try:
         reader = open_dataset(str(shard))
         assert isinstance(reader, WebDatasetCaptionReader)
-        with caplog.at_level(logging.WARNING, logger="firebolt.data.formats"):
+        with caplog.at_level(logging.WARNING, logger="firebolt_vl.data.formats"):
             recs = list(reader)
         assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
     finally:
@@ -316,7 +316,7 @@ def test_shard_skip_len_and_workers(tmp_path, monkeypatch):
 
 
 def test_reads_synthetic_output(tmp_path):
-    from firebolt.data.synthetic import generate_synthetic
+    from firebolt_vl.data.synthetic import generate_synthetic
 
     out = tmp_path / "syn"
     generate_synthetic(out, n_train=3, n_val=0, n_test=2, progress=False)

@@ -1,4 +1,4 @@
-"""`firebolt demo`: the quick pipeline end to end (structure only, no accuracy), and its building blocks."""
+"""`firebolt-vl demo`: the quick pipeline end to end (structure only, no accuracy), and its building blocks."""
 
 import json
 
@@ -7,7 +7,7 @@ import torch
 
 
 def test_quadrant_phrases_and_view_texts():
-    from firebolt.demo.vision_pretrain import EMPTY_TILE, quadrant_phrases, view_texts
+    from firebolt_vl.demo.vision_pretrain import EMPTY_TILE, quadrant_phrases, view_texts
 
     cap = ("a bar chart with bars joe, eva and bob at the top left, the word 'cat' in blue at the top right, "
            "a red circle at the top right, an orange star at the bottom right.")
@@ -29,8 +29,8 @@ def test_cut_view_per_row_equals_cutting_every_view():
     one, for tiles (a plain crop) and the global view (resized), in any order of rows."""
     from types import SimpleNamespace
 
-    from firebolt.demo.vision_pretrain import cut_view_per_row, cut_views, normalize_uint8
-    from firebolt.vision import view_boxes
+    from firebolt_vl.demo.vision_pretrain import cut_view_per_row, cut_views, normalize_uint8
+    from firebolt_vl.vision import view_boxes
 
     geo = SimpleNamespace(image_size=32, tile_size=16, tile_overlap=0, grid_rows=2, grid_cols=2, add_global_view=True,
                           view_size=16)
@@ -42,7 +42,7 @@ def test_cut_view_per_row_equals_cutting_every_view():
 
 
 def test_sigmoid_loss_prefers_matching_pairs():
-    from firebolt.demo.vision_pretrain import sigmoid_loss
+    from firebolt_vl.demo.vision_pretrain import sigmoid_loss
 
     torch.manual_seed(0)
     x = torch.randn(4, 8)
@@ -59,7 +59,7 @@ def test_sigmoid_loss_prefers_matching_pairs():
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    from firebolt.demo.cli import demo
+    from firebolt_vl.demo.cli import demo
 
     out = tmp_path_factory.mktemp("demo") / "run"
     assert demo(output=str(out), quick=True, workers=1, no_progress=True) == 0
@@ -96,8 +96,8 @@ def test_quick_demo_report(quick_run):
 
 
 def test_quick_demo_model_dir_loads_and_cached_decoding_matches_generate(quick_run):
-    from firebolt.demo.pipeline import expand_prompts, greedy_generate
-    from firebolt.hub import load_model_dir
+    from firebolt_vl.demo.pipeline import expand_prompts, greedy_generate
+    from firebolt_vl.hub import load_model_dir
 
     model, processor = load_model_dir(quick_run / "model")
     assert model.config.fusion_type == "cmm"
@@ -117,10 +117,10 @@ def test_quick_demo_model_dir_loads_and_cached_decoding_matches_generate(quick_r
 
 
 def test_jobs_run_in_worker_processes(tmp_path):
-    """The pipeline's job runner: two jobs in two `python -m firebolt.demo.worker` processes, results in order."""
-    from firebolt.demo.pipeline import DemoConfig, DemoPaths, run_jobs
-    from firebolt.demo.text_pretrain import TextPretrainConfig
-    from firebolt.presets import train_tiny_tokenizer
+    """The pipeline's job runner: two jobs in two `python -m firebolt_vl.demo.worker` processes, results in order."""
+    from firebolt_vl.demo.pipeline import DemoConfig, DemoPaths, run_jobs
+    from firebolt_vl.demo.text_pretrain import TextPretrainConfig
+    from firebolt_vl.presets import train_tiny_tokenizer
 
     tokenizer = train_tiny_tokenizer(300)
     cfg = DemoConfig.quick(text=TextPretrainConfig(epochs=0.0))
@@ -138,8 +138,8 @@ def test_jobs_run_in_worker_processes(tmp_path):
 
 
 def test_demo_cli_rejects_bad_arguments(tmp_path):
-    from firebolt.cli import build_parser
-    from firebolt.demo.cli import demo
+    from firebolt_vl.cli import build_parser
+    from firebolt_vl.demo.cli import demo
 
     args = vars(build_parser().parse_args(["demo", "--quick", "--output", str(tmp_path), "--models", "firebolt"]))
     assert args["quick"] and args["models"] == "firebolt"
@@ -154,7 +154,7 @@ def test_demo_cli_rejects_bad_arguments(tmp_path):
 
 
 def test_pack_turns_groups_questions_of_one_image():
-    from firebolt.demo.pipeline import pack_turns
+    from firebolt_vl.demo.pipeline import pack_turns
 
     recs = [{"image": f"img{i % 3}.png", "conversations": [{"from": "human", "value": f"<image>\nq{i}?"},
                                                              {"from": "gpt", "value": f"a{i}"}]} for i in range(10)]

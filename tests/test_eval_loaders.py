@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from firebolt.eval import BenchmarkDataError, load_benchmark, score
-from firebolt.eval.prompts import LETTER_INSTRUCTION, SHORT_ANSWER_INSTRUCTION
-from firebolt.eval.score import main as score_main
-from firebolt.eval.score import read_predictions, score_predictions_file
+from firebolt_vl.eval import BenchmarkDataError, load_benchmark, score
+from firebolt_vl.eval.prompts import LETTER_INSTRUCTION, SHORT_ANSWER_INSTRUCTION
+from firebolt_vl.eval.score import main as score_main
+from firebolt_vl.eval.score import read_predictions, score_predictions_file
 
 IMG_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)

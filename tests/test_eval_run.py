@@ -1,4 +1,4 @@
-"""`firebolt eval` / `firebolt score` and the evaluate() API on a tiny synthetic test split."""
+"""`firebolt-vl eval` / `firebolt-vl score` and the evaluate() API on a tiny synthetic test split."""
 
 import json
 import shutil
@@ -6,16 +6,16 @@ import shutil
 import pytest
 import torch
 
-from firebolt.cli import main as cli_main
-from firebolt.eval import load_benchmark, score
-from firebolt.eval.runner import (PREDICTIONS_FILE, SCORES_FILE, evaluate, plan_batches, read_prediction_records)
-from firebolt.eval.score import read_predictions
-from firebolt.testing import truncated_jpeg
+from firebolt_vl.cli import main as cli_main
+from firebolt_vl.eval import load_benchmark, score
+from firebolt_vl.eval.runner import (PREDICTIONS_FILE, SCORES_FILE, evaluate, plan_batches, read_prediction_records)
+from firebolt_vl.eval.score import read_predictions
+from firebolt_vl.testing import truncated_jpeg
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    from firebolt.data.synthetic import generate_synthetic
+    from firebolt_vl.data.synthetic import generate_synthetic
 
     out = tmp_path_factory.mktemp("synth") / "data"
     generate_synthetic(out, n_train=0, n_val=0, n_test=3, image_size=64, progress=False)
@@ -24,7 +24,7 @@ def synth(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_factory, tmp_path_factory):
-    from firebolt.hub import save_model_dir
+    from firebolt_vl.hub import save_model_dir
 
     model, processor = tiny_factory()
     return save_model_dir(model, processor, tmp_path_factory.mktemp("evalmodel") / "model")
@@ -32,14 +32,14 @@ def model_dir(tiny_factory, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(model_dir):
-    from firebolt.hub import load_model_dir
+    from firebolt_vl.hub import load_model_dir
 
     return load_model_dir(model_dir)
 
 
 @pytest.fixture(scope="module")
 def ref_run(model_dir, synth, tmp_path_factory):
-    """An uninterrupted `firebolt eval` of the whole test split: (output folder, printed text)."""
+    """An uninterrupted `firebolt-vl eval` of the whole test split: (output folder, printed text)."""
     import contextlib
     import io
 
@@ -60,7 +60,7 @@ def lines_of(path):
 
 
 def test_interrupted_eval_resumes_to_the_same_scores(model_dir, synth, ref_run, tmp_path, monkeypatch, capsys):
-    from firebolt.modeling import FireboltForConditionalGeneration
+    from firebolt_vl.modeling import FireboltForConditionalGeneration
 
     ref_dir = ref_run[0]
     items = load_benchmark("synthetic", synth)

@@ -1,4 +1,4 @@
-"""`firebolt explain`: the CMM's token-to-grid weights per token / word / overall, the heat over view boxes, the
+"""`firebolt-vl explain`: the CMM's token-to-grid weights per token / word / overall, the heat over view boxes, the
 picture, and a clear error for fusion types without a CMM."""
 
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from firebolt.cli import main
-from firebolt.serve.explain import explain_weights, heat_map, render_explanation
-from firebolt.vision import view_boxes
+from firebolt_vl.cli import main
+from firebolt_vl.serve.explain import explain_weights, heat_map, render_explanation
+from firebolt_vl.vision import view_boxes
 
 PROMPT = "What color is the circle on the left?"
 
@@ -76,7 +76,7 @@ def test_no_cmm_is_a_clear_error(tiny_factory, red_image):
 
 
 def test_explain_command(tiny_factory, red_image, tmp_path, capsys):
-    from firebolt.hub import save_model_dir
+    from firebolt_vl.hub import save_model_dir
 
     model, processor = tiny_factory()
     save_model_dir(model, processor, tmp_path / "cmm")

@@ -77,7 +77,7 @@ def plugin(monkeypatch):
     """The plugin module with the stand-in lmms_eval in sys.modules; its Firebolt class is dropped afterwards."""
     for name, mod in fake_lmms_eval().items():
         monkeypatch.setitem(sys.modules, name, mod)
-    module = importlib.import_module("firebolt.eval.lmms_plugin")
+    module = importlib.import_module("firebolt_vl.eval.lmms_plugin")
     module.__dict__.pop("Firebolt", None)
     yield module
     module.__dict__.pop("Firebolt", None)
@@ -85,7 +85,7 @@ def plugin(monkeypatch):
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_factory, tmp_path_factory):
-    from firebolt.hub import save_model_dir
+    from firebolt_vl.hub import save_model_dir
 
     model, processor = tiny_factory()
     return save_model_dir(model, processor, tmp_path_factory.mktemp("lmms") / "model")
@@ -119,7 +119,7 @@ def direct_generate(lm, doc, max_new_tokens):
 
 def test_module_imports_without_lmms_eval(monkeypatch):
     monkeypatch.setitem(sys.modules, "lmms_eval", None)  # import lmms_eval -> ImportError
-    module = importlib.import_module("firebolt.eval.lmms_plugin")
+    module = importlib.import_module("firebolt_vl.eval.lmms_plugin")
     module.__dict__.pop("Firebolt", None)
     assert module.FireboltLMMsAdapter.is_simple
     with pytest.raises(ImportError, match="lmms-eval"):
@@ -132,9 +132,9 @@ def test_registration_and_manifest(plugin):
     cls = plugin.Firebolt
     api = sys.modules["lmms_eval.api.model"]
     assert issubclass(cls, api.lmms) and cls.is_simple
-    assert sys.modules["lmms_eval.api.registry"].MODEL_REGISTRY["firebolt"] is cls
+    assert sys.modules["lmms_eval.api.registry"].MODEL_REGISTRY["firebolt_vl"] is cls
     manifest = plugin.lmms_eval_manifest()
-    assert manifest.model_id == "firebolt"
+    assert manifest.model_id == "firebolt_vl"
     module_name, cls_name = manifest.simple_class_path.rsplit(".", 1)
     assert getattr(importlib.import_module(module_name), cls_name) is cls  # how lmms-eval resolves the class
 
@@ -145,12 +145,12 @@ def test_pyproject_entry_point_gives_a_manifest(plugin):
 
     tomllib = pytest.importorskip("tomllib")
     pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
-    target = tomllib.loads(pyproject.read_text())["project"]["entry-points"]["lmms_eval.models"]["firebolt"]
+    target = tomllib.loads(pyproject.read_text())["project"]["entry-points"]["lmms_eval.models"]["firebolt_vl"]
     module_name, attr = target.split(":")
     payload = getattr(importlib.import_module(module_name), attr)
     manifest = payload() if callable(payload) else payload
     assert isinstance(manifest, sys.modules["lmms_eval.models.registry_v2"].ModelManifest)
-    assert manifest.model_id == "firebolt" and manifest.simple_class_path == "firebolt.eval.lmms_plugin.Firebolt"
+    assert manifest.model_id == "firebolt_vl" and manifest.simple_class_path == "firebolt_vl.eval.lmms_plugin.Firebolt"
 
 
 def test_generate_until_matches_generate(lm, plugin):

@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from firebolt import FireboltConfig, FireboltForConditionalGeneration, FireboltProcessor
-from firebolt.cmm import CrossModalModulator, film
-from firebolt.hub import ModelDirError, load_model_dir, save_model_dir
+from firebolt_vl import FireboltConfig, FireboltForConditionalGeneration, FireboltProcessor
+from firebolt_vl.cmm import CrossModalModulator, film
+from firebolt_vl.hub import ModelDirError, load_model_dir, save_model_dir
 
 PROMPTS = ["What color is the circle?", "Hi", "How many red shapes are there in the image, please?"]
 VARIANTS = [
@@ -198,7 +198,7 @@ def test_image_token_mismatch_is_a_clear_error(tiny_factory, red_image):
 def test_real_layout_checkpoints_round_trip(tmp_path, red_image, vision_kind):
     """Component dirs laid out like the hub's (config.json + model.safetensors, LFM2 + tokenizer) -> build ->
     generate -> save_pretrained -> from_pretrained: identical logits and tokens."""
-    from firebolt.presets import build_tiny
+    from firebolt_vl.presets import build_tiny
 
     model, processor = build_tiny(tmp_path / "components", vision_kind=vision_kind, init_std=0.5)
     assert (tmp_path / "components" / "vision" / "model.safetensors").is_file()
@@ -230,7 +230,7 @@ def test_auto_classes_load_without_remote_code(tmp_path, tiny_factory):
 
 
 def test_native_view_geometry_matches_authors(tiny_factory):
-    from firebolt.vision import view_boxes
+    from firebolt_vl.vision import view_boxes
 
     cfg = FireboltConfig(image_size=256, tile_size=128, tile_overlap=2)
     assert view_boxes(cfg) == [(0, 0, 256, 256), (0, 0, 128, 128), (0, 126, 128, 254), (126, 0, 254, 128), (126, 126, 254, 254)]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from firebolt.processing import ImageLoadError, load_image
-from firebolt.testing import png_bytes, png_with_header_size, truncated_jpeg
+from firebolt_vl.processing import ImageLoadError, load_image
+from firebolt_vl.testing import png_bytes, png_with_header_size, truncated_jpeg
 
 
 def _roundtrip(image, fmt="PNG", **kw):
@@ -101,7 +101,7 @@ def test_prepend_processor_expands_image_tokens(tiny_factory, red_image):
 
 
 def test_prompt_token_limit(tiny_factory):
-    from firebolt.processing import FireboltProcessor
+    from firebolt_vl.processing import FireboltProcessor
 
     _, processor = tiny_factory(fusion_type="cmm", ssm_type="s4")
     limited = FireboltProcessor(processor.tokenizer, image_size=processor.image_size, max_prompt_tokens=20)

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from firebolt.eval import BENCHMARKS, format_table, score
-from firebolt.eval.loaders import EvalItem
-from firebolt.eval.scorers import (
+from firebolt_vl.eval import BENCHMARKS, format_table, score
+from firebolt_vl.eval.loaders import EvalItem
+from firebolt_vl.eval.scorers import (
     mme_parse, mme_subtask_scores, mmbench_extract_letter, mmmu_eval_open, mmmu_extract_numbers,
     mmmu_parse_multi_choice, mmmu_parse_open, parse_letter_answer, pope_metrics, pope_parse, score_mmbench,
     score_mme, score_mmmu, score_pope, score_synthetic, score_vqav2, vqa_accuracy, vqa_normalize,

@@ -1,5 +1,5 @@
 """The OpenAI-compatible server: answers equal `generate`, streaming, limits and bad input (4xx, server keeps going),
-concurrency, batching, auth, remote images; and `firebolt serve` from the command line.
+concurrency, batching, auth, remote images; and `firebolt-vl serve` from the command line.
 
 Servers run on free loopback ports (uvicorn in a background thread); clients are httpx and, where installed, openai."""
 
@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from firebolt.serve.app import ServerConfig, start_server
-from firebolt.serve.engine import Engine, Event, Job, SamplingParams
-from firebolt.testing import png_bytes, png_with_header_size
+from firebolt_vl.serve.app import ServerConfig, start_server
+from firebolt_vl.serve.engine import Engine, Event, Job, SamplingParams
+from firebolt_vl.testing import png_bytes, png_with_header_size
 
 PROMPT = "What color is the circle?"
 
@@ -440,12 +440,12 @@ def _free_port() -> int:
 
 
 def test_serve_command(tiny, tmp_path):
-    from firebolt.hub import save_model_dir
+    from firebolt_vl.hub import save_model_dir
 
     model, processor = tiny
     save_model_dir(model, processor, tmp_path / "model")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "firebolt.cli", "serve", "--model", str(tmp_path / "model"),
+    proc = subprocess.Popen([sys.executable, "-m", "firebolt_vl.cli", "serve", "--model", str(tmp_path / "model"),
                              "--port", str(port), "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -1,12 +1,12 @@
-"""Tests of the SSM layers (firebolt/ssm): parallel vs recurrent forms, state continuation, padding,
+"""Tests of the SSM layers (firebolt_vl/ssm): parallel vs recurrent forms, state continuation, padding,
 causality, gradients, scans, S4 kernel truncation and stability. CPU, tiny sizes."""
 
 import pytest
 import torch
 
-from firebolt.ssm import SSMBase, build_ssm
-from firebolt.ssm import mamba as mamba_mod
-from firebolt.ssm.mamba import selective_scan_chunked, selective_scan_ref
+from firebolt_vl.ssm import SSMBase, build_ssm
+from firebolt_vl.ssm import mamba as mamba_mod
+from firebolt_vl.ssm.mamba import selective_scan_chunked, selective_scan_ref
 
 KINDS = ["s4", "s4d", "mamba"]
 D_MODEL = 16
@@ -285,7 +285,7 @@ def test_s4_kernel_truncation_consistent():
 
 
 def test_s4_hippo_init_stable():
-    from firebolt.ssm.s4 import hippo_legs_nplr
+    from firebolt_vl.ssm.s4 import hippo_legs_nplr
 
     Lam, P, B = hippo_legs_nplr(16)
     assert torch.allclose(Lam.real, torch.full_like(Lam.real, -0.5))

@@ -1,4 +1,4 @@
-"""Tests for the synthetic fine-grained benchmark generator (firebolt.data.synthetic)."""
+"""Tests for the synthetic fine-grained benchmark generator (firebolt_vl.data.synthetic)."""
 
 import json
 import re
@@ -7,8 +7,8 @@ from collections import Counter, defaultdict
 import pytest
 from PIL import Image
 
-from firebolt.data import synthetic as syn
-from firebolt.data.synthetic import (
+from firebolt_vl.data import synthetic as syn
+from firebolt_vl.data.synthetic import (
     COLORS,
     FAMILIES,
     MC_SUFFIX,
@@ -80,7 +80,7 @@ def test_layout_and_manifest(ds):
 def test_captions_name_every_object_once_in_shuffled_order(ds):
     """Each caption phrase is one object of the scene at its own quadrant; the phrase order is seeded-random, so the
     n-th phrase does not give away the quadrant (reading order would start at the top left in nearly every caption)."""
-    from firebolt.demo.vision_pretrain import caption_phrases
+    from firebolt_vl.demo.vision_pretrain import caption_phrases
 
     out, _ = ds
     scenes = _scenes(out, "train")

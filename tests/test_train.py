@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from firebolt.train import checkpoint as ckpt
-from firebolt.train.collate import IGNORE_INDEX, Encoded, SkipExample, collate, encode_conversation
-from firebolt.train.data import ListSource, SourceStream
-from firebolt.train.optim import apply_trainable, lr_factor, param_groups
-from firebolt.train.recipe import OptimConfig, RecipeError, load_recipe, recipe_from_dict
+from firebolt_vl.train import checkpoint as ckpt
+from firebolt_vl.train.collate import IGNORE_INDEX, Encoded, SkipExample, collate, encode_conversation
+from firebolt_vl.train.data import ListSource, SourceStream
+from firebolt_vl.train.optim import apply_trainable, lr_factor, param_groups
+from firebolt_vl.train.recipe import OptimConfig, RecipeError, load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 TWO_TURNS = [
@@ -56,8 +56,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A saved tiny model (fresh init, small std: trainable), shared by the subprocess tests."""
-    from firebolt.hub import save_model_dir
-    from firebolt.presets import build_tiny
+    from firebolt_vl.hub import save_model_dir
+    from firebolt_vl.presets import build_tiny
 
     root = tmp_path_factory.mktemp("tinymodel")
     model, processor = build_tiny(root / "parts", seed=0, init_std=0.02)
@@ -116,7 +116,7 @@ def test_batch_right_padding_matches_single_rows(tiny_factory, red_image):
 
 # ---------------------------------------------------------------------------------------------- optimizer
 def test_param_groups_frozen_modules_and_ssm_exemptions(tiny_factory):
-    from firebolt.modeling import FireboltForConditionalGeneration
+    from firebolt_vl.modeling import FireboltForConditionalGeneration
 
     base, _ = tiny_factory()
     model = FireboltForConditionalGeneration(base.config)
@@ -211,7 +211,7 @@ def test_packaged_recipes():
 
 
 def test_cli_data_overrides(tmp_path):
-    from firebolt.train.cli import build_recipe
+    from firebolt_vl.train.cli import build_recipe
 
     recipe, selected = build_recipe("paper", stage=["instruct"], data=["a.jsonl", "b.jsonl"], max_steps=5,
                                     overrides=["runtime.num_workers=2"])
@@ -248,8 +248,8 @@ def test_stream_over_webdataset_shards_without_length(tmp_path):
     import io
     import tarfile
 
-    from firebolt.data import open_dataset
-    from firebolt.train.data import MixedStream
+    from firebolt_vl.data import open_dataset
+    from firebolt_vl.train.data import MixedStream
 
     for shard in range(2):
         with tarfile.open(tmp_path / f"{shard:05d}.tar", "w") as tar:
@@ -281,7 +281,7 @@ def test_stream_over_webdataset_shards_without_length(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- training
 def _one_stage(tmp_path, **stage):
-    from firebolt.train.recipe import from_dict, StageConfig
+    from firebolt_vl.train.recipe import from_dict, StageConfig
 
     base = {"name": "s", "lr": {"cmm": 3e-3, "language": 3e-3}, "batch_size": 4, "max_length": 64, "log_every": 1,
             "optim": {"warmup_steps": 2, "schedule": "constant"}, "shuffle_buffer": 8}
@@ -289,10 +289,10 @@ def _one_stage(tmp_path, **stage):
 
 
 def test_loss_decreases_on_tiny_overfit_set(tmp_path):
-    from firebolt.hub import load_model_dir
-    from firebolt.presets import build_tiny
-    from firebolt.train import read_metrics, run_stage
-    from firebolt.train.recipe import RuntimeConfig
+    from firebolt_vl.hub import load_model_dir
+    from firebolt_vl.presets import build_tiny
+    from firebolt_vl.train import read_metrics, run_stage
+    from firebolt_vl.train.recipe import RuntimeConfig
 
     data = write_llava(tmp_path / "data", 40)  # 10 steps per epoch
     val = write_llava(tmp_path / "data", 8, "val.jsonl")
@@ -317,10 +317,10 @@ def test_loss_decreases_on_tiny_overfit_set(tmp_path):
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    from firebolt.hub import load_model_dir
-    from firebolt.presets import build_tiny
-    from firebolt.train import run_stage
-    from firebolt.train.recipe import RuntimeConfig
+    from firebolt_vl.hub import load_model_dir
+    from firebolt_vl.presets import build_tiny
+    from firebolt_vl.train import run_stage
+    from firebolt_vl.train.recipe import RuntimeConfig
 
     data = write_llava(tmp_path / "data", 8)
     model, processor = build_tiny(tmp_path / "parts", seed=0, init_std=0.02)
@@ -353,15 +353,15 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def _run_cli(args, env_extra=None):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FIREBOLT_DEBUG": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "firebolt.cli", "train", *args], capture_output=True, text=True,
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FIREBOLT_VL_DEBUG": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "firebolt_vl.cli", "train", *args], capture_output=True, text=True,
                           env=env, timeout=600)
 
 
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tiny_dir):
     from safetensors.torch import load_file
 
-    from firebolt.train import read_metrics
+    from firebolt_vl.train import read_metrics
 
     write_llava(tmp_path / "data", 12)
     write_llava(tmp_path / "data", 4, "val.jsonl")
@@ -404,8 +404,8 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tiny_dir):
 
 
 def test_recipe_stages_hand_over_and_resume_skips_finished(tmp_path, tiny_dir, capsys):
-    from firebolt.hub import load_model_dir
-    from firebolt.train import run_recipe
+    from firebolt_vl.hub import load_model_dir
+    from firebolt_vl.train import run_recipe
 
     write_llava(tmp_path / "data", 8)
     stage = {"data": {"train": ["train.jsonl"]}, "batch_size": 4, "max_steps": 2, "max_length": 64,

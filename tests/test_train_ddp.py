@@ -19,7 +19,7 @@ def _free_port() -> int:
 
 
 def _stage(data: Path):
-    from firebolt.train.recipe import StageConfig, from_dict
+    from firebolt_vl.train.recipe import StageConfig, from_dict
 
     return from_dict(StageConfig, {**STAGE, "data": {"train": [str(data)]}})
 
@@ -28,10 +28,10 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     """Train the same stage with DDP, then with FSDP, then resume the FSDP run for one more step."""
     import torch.distributed as dist
 
-    from firebolt.presets import build_tiny
-    from firebolt.train import run_stage
-    from firebolt.train.checkpoint import gather_model_state
-    from firebolt.train.recipe import RuntimeConfig
+    from firebolt_vl.presets import build_tiny
+    from firebolt_vl.train import run_stage
+    from firebolt_vl.train.checkpoint import gather_model_state
+    from firebolt_vl.train.recipe import RuntimeConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), TOKENIZERS_PARALLELISM="false")
@@ -75,10 +75,10 @@ def _write_data(root: Path) -> Path:
 
 
 def test_two_process_gloo_ddp_and_fsdp_stay_in_sync(tmp_path):
-    from firebolt.presets import build_tiny
-    from firebolt.train import run_stage
-    from firebolt.train.checkpoint import list_checkpoints
-    from firebolt.train.recipe import RuntimeConfig
+    from firebolt_vl.presets import build_tiny
+    from firebolt_vl.train import run_stage
+    from firebolt_vl.train.checkpoint import list_checkpoints
+    from firebolt_vl.train.recipe import RuntimeConfig
 
     data = _write_data(tmp_path / "data")
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)

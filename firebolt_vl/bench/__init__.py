@@ -1,8 +1,8 @@
-"""`firebolt bench`: Firebolt-VL side by side with its peers, and decoding against the memory-bandwidth limit.
+"""`firebolt-vl bench`: Firebolt-VL side by side with its peers, and decoding against the memory-bandwidth limit.
 
-    firebolt bench --preset tiny --output runs/bench-tiny              # quick (< 2 min on 2 cores)
-    firebolt bench --preset paper --device cpu --output runs/bench     # real shapes, random weights
-    firebolt bench --preset paper --device cuda --batch-sizes 1,32 --output runs/bench-gpu
+    firebolt-vl bench --preset tiny --output runs/bench-tiny              # quick (< 2 min on 2 cores)
+    firebolt-vl bench --preset paper --device cpu --output runs/bench     # real shapes, random weights
+    firebolt-vl bench --preset paper --device cuda --batch-sizes 1,32 --output runs/bench-gpu
 
 For every variant (Firebolt-VL with recurrent CMM decoding, the authors' no-cache decoding, the prepend design,
 LFM2-VL through transformers, the bare LFM2 decoder) it measures time to first token split into pre-processing,

@@ -142,7 +142,7 @@ def run_bench(
                         progress=lambda n: _log(f"[bench] built {n}"))
     result = {
         "schema": "firebolt-bench/1",
-        "command": "firebolt bench " + " ".join(argv) if argv is not None else None,
+        "command": "firebolt-vl bench " + " ".join(argv) if argv is not None else None,
         "preset": preset,
         "device": str(dev),
         "dtype": dtype_name,
@@ -177,7 +177,7 @@ def run_bench(
         result["gpu"] = {"available": torch.cuda.is_available(),
                          "note": f"no GPU figures: {where}. The CUDA path (bf16, static cache + torch.compile mode "
                                  "reduce-overhead = CUDA graphs, allocator peak memory, batch 1 and 32) exists: "
-                                 "`firebolt bench --preset paper --device cuda --output DIR`"}
+                                 "`firebolt-vl bench --preset paper --device cuda --output DIR`"}
     if "firebolt_nocache" in suite.variants:
         notes.append(f"firebolt_nocache decodes {n_nocache} tokens per run instead of {new_tokens} (it recomputes "
                      "vision, CMM and the whole prefix per token); its rates are per token over those tokens, measured "

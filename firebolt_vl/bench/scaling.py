@@ -112,7 +112,7 @@ def _lfm2_vl_point(variant, text_ids, G: int, device, repeats: int) -> dict:
         fused["v"] = text.masked_scatter(slot, feats.to(text.dtype))
 
     def prefill():
-        model(inputs_embeds=fused["v"], attention_mask=mask, past_key_values=DynamicCache(config=model.config.text_config),
+        model(inputs_embeds=fused["v"], attention_mask=mask, cache=DynamicCache(config=model.config.text_config),
               use_cache=True, logits_to_keep=1)
 
     fuse()

@@ -242,7 +242,7 @@ class FireboltVariant(Variant):
     def prefill(self, inp, fused):
         embeds, memory, state = fused
         out = self.model.prefill(embeds, inp["attention_mask"], memory, state, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], out.past_key_values
+        return out.logits[:, -1], out.cache
 
     def step(self, tok, cache):
         return self.model.decode_step(tok, cache, logits_to_keep=1).logits[:, -1]
@@ -267,7 +267,7 @@ class FireboltVariant(Variant):
         if self.model.cmm is not None and callable(getattr(self.model.cmm.ssm, "_step_params", None)):
             self.model.cmm.ssm._step_params()  # the SSM's cached step tensors, likewise
         out = self.model.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                        position_ids=self.model._positions(mask), past_key_values=lm_cache,
+                                        position_ids=self.model._positions(mask), cache=lm_cache,
                                         use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], _StaticState(lm_cache, mask, max_len, memory, state)
 
@@ -282,7 +282,7 @@ class FireboltVariant(Variant):
                     old.copy_(new)  # in place: static addresses for CUDA graphs
                 embeds = out.unsqueeze(1)
             logits = model.language_model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos,
-                                          past_key_values=lm_cache, use_cache=True, logits_to_keep=1).logits
+                                          cache=lm_cache, use_cache=True, logits_to_keep=1).logits
             return logits[:, -1]
 
         return step
@@ -493,15 +493,15 @@ class Lfm2VlVariant(Variant):
 
         mask = inp["attention_mask"]
         cache = DynamicCache(config=self.model.config.text_config)
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True,
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True,
                          logits_to_keep=1)
-        return out.logits[:, -1], _DecodeState(out.past_key_values, mask, mask.shape[1])
+        return out.logits[:, -1], _DecodeState(out.cache, mask, mask.shape[1])
 
     def step(self, tok, st):
         st.length += 1
         mask = st.mask(tok.shape[0])
         pos = torch.full_like(tok, st.length - 1)
-        out = self.model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=st.cache,
+        out = self.model(input_ids=tok, attention_mask=mask, position_ids=pos, cache=st.cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
@@ -511,7 +511,7 @@ class Lfm2VlVariant(Variant):
     def static_prefill(self, inp, embeds, max_len):
         mask = inp["attention_mask"]
         cache = static_cache(self, self.model.config.text_config, mask.shape[0], max_len)
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True,
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True,
                          logits_to_keep=1)
         return out.logits[:, -1], _StaticState(cache, mask, max_len)
 
@@ -519,7 +519,7 @@ class Lfm2VlVariant(Variant):
         model = self.model
 
         def step(tok, pos, full_mask, lm_cache, memory, ssm_state):
-            return model(input_ids=tok, attention_mask=full_mask, position_ids=pos, past_key_values=lm_cache,
+            return model(input_ids=tok, attention_mask=full_mask, position_ids=pos, cache=lm_cache,
                          use_cache=True, logits_to_keep=1).logits[:, -1]
 
         return step
@@ -571,15 +571,15 @@ class Lfm2Variant(Variant):
 
         mask = inp["attention_mask"]
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=inp["input_ids"], attention_mask=mask, past_key_values=cache, use_cache=True,
+        out = self.model(input_ids=inp["input_ids"], attention_mask=mask, cache=cache, use_cache=True,
                          logits_to_keep=1)
-        return out.logits[:, -1], _DecodeState(out.past_key_values, mask, mask.shape[1])
+        return out.logits[:, -1], _DecodeState(out.cache, mask, mask.shape[1])
 
     def step(self, tok, st):
         st.length += 1
         mask = st.mask(tok.shape[0])
         pos = torch.full_like(tok, st.length - 1)
-        out = self.model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=st.cache,
+        out = self.model(input_ids=tok, attention_mask=mask, position_ids=pos, cache=st.cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
@@ -589,7 +589,7 @@ class Lfm2Variant(Variant):
     def static_prefill(self, inp, fused, max_len):
         mask = inp["attention_mask"]
         cache = static_cache(self, self.model.config, mask.shape[0], max_len)
-        out = self.model(input_ids=inp["input_ids"], attention_mask=mask, past_key_values=cache, use_cache=True,
+        out = self.model(input_ids=inp["input_ids"], attention_mask=mask, cache=cache, use_cache=True,
                          logits_to_keep=1)
         return out.logits[:, -1], _StaticState(cache, mask, max_len)
 
@@ -597,7 +597,7 @@ class Lfm2Variant(Variant):
         model = self.model
 
         def step(tok, pos, full_mask, lm_cache, memory, ssm_state):
-            return model(input_ids=tok, attention_mask=full_mask, position_ids=pos, past_key_values=lm_cache,
+            return model(input_ids=tok, attention_mask=full_mask, position_ids=pos, cache=lm_cache,
                          use_cache=True, logits_to_keep=1).logits[:, -1]
 
         return step

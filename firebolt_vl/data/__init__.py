@@ -1,8 +1,8 @@
 """Data code: synthetic fine-grained benchmark generator and training-data readers.
 
-* :func:`generate_synthetic` (``firebolt.data.synthetic``) writes a
+* :func:`generate_synthetic` (``firebolt_vl.data.synthetic``) writes a
   deterministic LLaVA-layout benchmark of small-object questions.
-* :func:`open_dataset` and the reader classes (``firebolt.data.formats``) read
+* :func:`open_dataset` and the reader classes (``firebolt_vl.data.formats``) read
   LLaVA/ShareGPT JSON(L), caption JSONL, webdataset caption tar shards and
   MMPR preference JSONL into uniform conversation records.
 """

@@ -87,7 +87,7 @@ __all__ = [
 ]
 
 GENERATOR_VERSION = "4"
-_GENERATOR_NAME = "firebolt.data.synthetic"
+_GENERATOR_NAME = "firebolt_vl.data.synthetic"
 
 FAMILIES: Tuple[str, ...] = (
     "attribute",

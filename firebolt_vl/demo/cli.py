@@ -1,4 +1,4 @@
-"""`firebolt demo`: the offline end-to-end demo (synthetic benchmark -> tiny pretrained components -> two training
+"""`firebolt-vl demo`: the offline end-to-end demo (synthetic benchmark -> tiny pretrained components -> two training
 stages -> per-family evaluation next to a blind and a prepend control -> report folder)."""
 
 from __future__ import annotations

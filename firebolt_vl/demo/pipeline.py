@@ -1,8 +1,8 @@
 """The offline demo pipeline: synthetic benchmark -> tiny pretrained components -> the paper's two stages -> evaluation
 next to two controls (a blind text-only model and the `prepend` fusion) -> a report folder.
 
-    1 data        firebolt.data.generate_synthetic: images, questions, captions (train / val / test)
-    2 tokenizer   a byte-level BPE trained here on the synthetic text (firebolt.presets.train_tiny_tokenizer)
+    1 data        firebolt_vl.data.generate_synthetic: images, questions, captions (train / val / test)
+    2 tokenizer   a byte-level BPE trained here on the synthetic text (firebolt_vl.presets.train_tiny_tokenizer)
     3 vision      a tiny SigLIP dual encoder trained with SigLIP's sigmoid loss on the captions; its vision tower is
                   kept, in Hugging Face layout (vision_pretrain.py)
     4 language    a tiny LFM2 (random init, optionally pretrained on the synthetic captions: text_pretrain.py)
@@ -12,7 +12,7 @@ next to two controls (a blind text-only model and the `prepend` fusion) -> a rep
     6 stage 1     captions, vision + decoder frozen: only the fusion module learns (CMM warm-up)
       stage 2     instruction tuning on the question split, fusion + decoder (the vision tower stays frozen, as in
                   the authors' release); the best epoch by validation perplexity is kept
-    7 evaluation  greedy answers on the test split, scored by firebolt.eval (vqa / pope / letter scorers)
+    7 evaluation  greedy answers on the test split, scored by firebolt_vl.eval (vqa / pope / letter scorers)
     8 report      metrics.json, loss_curves.png, the trained Firebolt-VL model directory, one example answer
 
 Speed. The vision tower is frozen in both stages, so every image is encoded once (`model.encode_images`, the same
@@ -298,7 +298,7 @@ class _ProcessorStats:
 # ---------------------------------------------------------------------------------------------- training data
 @dataclass
 class Example:
-    encoded: object  # firebolt.train.collate.Encoded (pixels dropped: X_v comes from the cache)
+    encoded: object  # firebolt_vl.train.collate.Encoded (pixels dropped: X_v comes from the cache)
     image: int  # row of the split's X_v cache, -1 = no image
 
 
@@ -530,7 +530,7 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     eos_t = torch.tensor(eos if stop_at_eos else [], dtype=torch.long)
     embeds, memory, state, _ = model.fuse(input_ids, attention_mask, image_embeds)
     out = model.prefill(embeds, attention_mask, memory, state, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = out.cache
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
     seq = input_ids
     for step in range(max_new_tokens):
@@ -547,7 +547,7 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 def evaluate_model(model, processor, items: list, xv_test: Optional[torch.Tensor], image_index: dict[str, int],
                    with_image: bool, batch_size: int, max_new_tokens: int, label: str, progress: bool = True,
                    position: int = 0) -> dict:
-    """Greedy answers for every test item, scored by firebolt.eval's synthetic scorer.
+    """Greedy answers for every test item, scored by firebolt_vl.eval's synthetic scorer.
     Returns {"scores": scorer output, "predictions": {question_id: answer}, "seconds", "questions_per_s"}."""
     from tqdm.auto import tqdm
 
@@ -642,7 +642,7 @@ JOBS: dict[str, Callable] = {}  # name -> job function (filled below); workers l
 
 
 def run_jobs(jobs: list[tuple[str, tuple]], workers: int, threads: int, scratch: Path) -> list:
-    """Run `JOBS[name](*args)` for each job, `workers` processes at a time (`python -m firebolt.demo.worker`, with
+    """Run `JOBS[name](*args)` for each job, `workers` processes at a time (`python -m firebolt_vl.demo.worker`, with
     `threads` torch threads each), or in this process when workers == 1. Arguments and results travel as pickles in
     `scratch`. Returns the results in job order; raises if a job fails (its traceback is on stderr)."""
     if workers <= 1 or len(jobs) <= 1:
@@ -667,7 +667,7 @@ def run_jobs(jobs: list[tuple[str, tuple]], workers: int, threads: int, scratch:
                 k, (name, args) = pending.pop(0)
                 spec = scratch / f"job{k}-{name}.in.pkl"
                 spec.write_bytes(pickle.dumps((name, args)))
-                running[k] = subprocess.Popen([sys.executable, "-m", "firebolt.demo.worker", str(spec),
+                running[k] = subprocess.Popen([sys.executable, "-m", "firebolt_vl.demo.worker", str(spec),
                                                str(scratch / f"job{k}-{name}.out.pkl")], env=env)
             for k, proc in list(running.items()):
                 if proc.poll() is None:

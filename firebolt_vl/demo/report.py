@@ -71,7 +71,7 @@ def format_results(metrics: dict) -> str:
             lines.append("  models trained side by side, each: " + ", ".join(
                 f"{MODEL_TITLES.get(k, k)} {v:.0f} s" for k, v in per_model.items()))
     if metrics.get("model_dir"):
-        lines.append(f"Model: {metrics['model_dir']}  (load with firebolt.hub.load_model_dir)")
+        lines.append(f"Model: {metrics['model_dir']}  (load with firebolt_vl.hub.load_model_dir)")
     return "\n".join(lines)
 
 

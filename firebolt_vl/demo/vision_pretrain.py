@@ -10,7 +10,7 @@ Glossary
     S   image side        s   view side (the tower's native size)       P   (view, text) pairs in a batch
     D   embedding width   L   text tokens (padded per batch)
 
-Pairs. Every view is cut exactly as `firebolt.vision.GridVisionEncoder` cuts it at inference (global view first,
+Pairs. Every view is cut exactly as `firebolt_vl.vision.GridVisionEncoder` cuts it at inference (global view first,
 then tiles row-major, resized to s), so the tower is trained on the inputs it will see:
     global view          <-> the image's caption
     tile (row, col)      <-> the caption's phrases located in that quadrant ("a red circle, the word 'cat' in blue"),

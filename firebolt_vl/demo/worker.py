@@ -1,4 +1,4 @@
-"""One demo job in its own process: `python -m firebolt.demo.worker IN.pkl OUT.pkl` (see pipeline.run_jobs)."""
+"""One demo job in its own process: `python -m firebolt_vl.demo.worker IN.pkl OUT.pkl` (see pipeline.run_jobs)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Typical use (the generation loop lives elsewhere)::
 
-    from firebolt.eval import load_benchmark, score, format_table
+    from firebolt_vl.eval import load_benchmark, score, format_table
     items = load_benchmark("pope", "/data/POPE", split="random", limit=100)
     preds = {it.question_id: model_answer(it.load_image(), it.prompt) for it in items}
     result = score("pope", items, preds)

@@ -1,4 +1,4 @@
-"""`firebolt eval` (generate + score, resumable) and `firebolt score` (score a predictions file)."""
+"""`firebolt-vl eval` (generate + score, resumable) and `firebolt-vl score` (score a predictions file)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ BENCHMARK_CHOICES = ("vqav2", "pope", "mme", "ai2d", "mmmu", "scienceqa", "mmben
 def add_eval_command_arguments(p):
     p.add_argument("--model", required=True, help="Firebolt-VL model directory")
     p.add_argument("--benchmark", required=True, choices=BENCHMARK_CHOICES)
-    p.add_argument("--data", required=True, help="benchmark data folder or file (see firebolt.eval.loaders)")
+    p.add_argument("--data", required=True, help="benchmark data folder or file (see firebolt_vl.eval.loaders)")
     p.add_argument("--split", default=None, help="benchmark split (default: the benchmark's own)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     p.add_argument("--batch-size", type=int, default=8)

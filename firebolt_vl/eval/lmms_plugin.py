@@ -1,14 +1,14 @@
-"""`lmms-eval` plugin: ``lmms-eval --model firebolt --model_args pretrained=DIR --tasks pope,mme ...``.
+"""`lmms-eval` plugin: ``lmms-eval --model firebolt_vl --model_args pretrained=DIR --tasks pope,mme ...``.
 
 lmms-eval (0.6 / 0.7.x) finds plugin models through the entry-point group ``lmms_eval.models``; the entry point must
 give a ``ModelManifest`` (or a callable returning one), which names the class by import path. This package's entry
 point is :func:`lmms_eval_manifest`::
 
     [project.entry-points."lmms_eval.models"]
-    firebolt = "firebolt.eval.lmms_plugin:lmms_eval_manifest"
+    firebolt_vl = "firebolt_vl.eval.lmms_plugin:lmms_eval_manifest"
 
 (Pointing the entry point at the class itself does not work: lmms-eval calls a callable payload with no arguments.)
-Where lmms-eval is installed, the class is also registered with ``@register_model("firebolt")``.
+Where lmms-eval is installed, the class is also registered with ``@register_model("firebolt_vl")``.
 
 lmms-eval is optional: this module imports without it. The class :data:`Firebolt` (a subclass of
 ``lmms_eval.api.model.lmms``) is created on first access; without lmms-eval that access raises an ImportError saying
@@ -42,7 +42,7 @@ import json
 import warnings
 from typing import Any, List, Optional, Sequence, Tuple
 
-MODEL_NAME = "firebolt"
+MODEL_NAME = "firebolt_vl"
 CLASS_PATH = f"{__name__}.Firebolt"
 DEFAULT_MAX_NEW_TOKENS = 128
 AUTO_BATCH_SIZE = 8  # used for batch_size=auto
@@ -87,7 +87,7 @@ class FireboltLMMsAdapter:
         from ..hub import load_model_dir, parse_dtype, resolve_device
 
         if kwargs:
-            warnings.warn(f"firebolt lmms-eval plugin: ignoring unknown model_args {sorted(kwargs)}")
+            warnings.warn(f"firebolt-vl lmms-eval plugin: ignoring unknown model_args {sorted(kwargs)}")
         for attr, value in (("_rank", 0), ("_world_size", 1), ("task_dict", {})):
             if not hasattr(self, attr):
                 setattr(self, attr, value)
@@ -157,7 +157,7 @@ class FireboltLMMsAdapter:
         try:
             return self.task_dict[task][split][doc_id]
         except (KeyError, IndexError, TypeError) as e:
-            raise KeyError(f"firebolt plugin: no document {doc_id!r} in task_dict[{task!r}][{split!r}]") from e
+            raise KeyError(f"firebolt-vl plugin: no document {doc_id!r} in task_dict[{task!r}][{split!r}]") from e
 
     def _visuals(self, doc_to_visual, task, split, doc_id) -> list:
         if doc_to_visual is None:
@@ -179,7 +179,7 @@ class FireboltLMMsAdapter:
         if not visuals:
             return None
         if len(visuals) > 1:
-            self._warn_once("multi", f"firebolt plugin: Firebolt-VL takes one image per prompt; using the first of "
+            self._warn_once("multi", f"firebolt-vl plugin: Firebolt-VL takes one image per prompt; using the first of "
                                      f"{len(visuals)} visuals")
         v = visuals[0]
         if isinstance(v, dict):  # {"bytes": ..., "path": ...} cells
@@ -226,7 +226,7 @@ class FireboltLMMsAdapter:
         if do_sample and temperature <= 0:
             temperature = 1.0
         if _as_int(g.get("num_beams"), "num_beams", 1) != 1:
-            self._warn_once("beams", "firebolt plugin: beam search is not supported; decoding greedily")
+            self._warn_once("beams", "firebolt-vl plugin: beam search is not supported; decoding greedily")
         top_p = g.get("top_p")
         return {
             "until": [str(u) for u in until if u],
@@ -247,7 +247,7 @@ class FireboltLMMsAdapter:
         for i, a in enumerate(args):
             key = json.dumps(a[1] or {}, sort_keys=True, default=str)
             groups.setdefault(key, []).append(i)
-        bar = tqdm(total=len(args), desc="firebolt generate", disable=self.rank != 0)
+        bar = tqdm(total=len(args), desc="firebolt-vl generate", disable=self.rank != 0)
         gen = torch.Generator(device=self._device).manual_seed(self.seed)
         for indices in groups.values():
             opts = self._parse_gen_kwargs(args[indices[0]][1])
@@ -261,7 +261,7 @@ class FireboltLMMsAdapter:
                     try:
                         image = self._image(self._visuals(doc_to_visual, task, split, doc_id))
                     except (OSError, ValueError) as e:  # a bad visual answers "" instead of ending the evaluation
-                        warnings.warn(f"firebolt plugin: {task} doc {doc_id}: {e}; answering ''")
+                        warnings.warn(f"firebolt-vl plugin: {task} doc {doc_id}: {e}; answering ''")
                         results[i] = ""
                         continue
                     rows.append(i)
@@ -321,7 +321,7 @@ class FireboltLMMsAdapter:
             return len(str(a[0] or "")) + (len(a[1]) if isinstance(a[1], str) else 0)
 
         order = sorted(range(len(args)), key=lambda i: (-size(i), i))
-        bar = tqdm(total=len(args), desc="firebolt loglikelihood", disable=self.rank != 0)
+        bar = tqdm(total=len(args), desc="firebolt-vl loglikelihood", disable=self.rank != 0)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             prepared = {i: self._ll_item(args[i]) for i in chunk}
@@ -371,7 +371,7 @@ class FireboltLMMsAdapter:
         return res
 
     def generate_until_multi_round(self, requests) -> List[str]:
-        raise NotImplementedError("the firebolt lmms-eval plugin does not support multi-round generation "
+        raise NotImplementedError("the firebolt-vl lmms-eval plugin does not support multi-round generation "
                                   "(generate_until_multi_round); use single-round tasks")
 
 
@@ -381,14 +381,14 @@ class _NoCacheHook:
 
 
 def _make_plugin_class():
-    """Build ``Firebolt(FireboltLMMsAdapter, lmms_eval.api.model.lmms)`` and register it as "firebolt"."""
+    """Build ``Firebolt(FireboltLMMsAdapter, lmms_eval.api.model.lmms)`` and register it as "firebolt_vl"."""
     try:
         from lmms_eval.api.model import lmms
     except ImportError as e:
         raise ImportError(f"{_INSTALL_HINT} ({e})") from e
 
     class Firebolt(FireboltLMMsAdapter, lmms):
-        """Firebolt-VL for lmms-eval: ``--model firebolt --model_args pretrained=DIR[,device=cuda,dtype=bf16,...]``."""
+        """Firebolt-VL for lmms-eval: ``--model firebolt_vl --model_args pretrained=DIR[,device=cuda,dtype=bf16,...]``."""
 
         is_simple = True
 

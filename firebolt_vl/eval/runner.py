@@ -1,8 +1,8 @@
 """Batched greedy evaluation of a Firebolt-VL model on a benchmark, resumable, with exact scoring.
 
-``evaluate(model, processor, "pope", "/data/POPE", "runs/pope")`` (or ``firebolt eval ...``) does:
+``evaluate(model, processor, "pope", "/data/POPE", "runs/pope")`` (or ``firebolt-vl eval ...``) does:
 
-1. load the benchmark's items (:func:`firebolt.eval.load_benchmark`); every item carries the benchmark's standard
+1. load the benchmark's items (:func:`firebolt_vl.eval.load_benchmark`); every item carries the benchmark's standard
    prompt, which is wrapped in the chat template by ``processor.build_prompt(prompt, with_image=...)``;
 2. plan the batches: the item list is cut into windows of ``sort_window`` items, each window is sorted by prompt
    length (longest first, ties by position) and cut into batches of ``batch_size`` -- less left padding, and the
@@ -149,7 +149,7 @@ def _error_text(e: BaseException) -> str:
 
 
 def _load_item_image(item, max_pixels):
-    """The item's image as RGB PIL through :func:`firebolt.processing.load_image` (clear errors; files and bytes are
+    """The item's image as RGB PIL through :func:`firebolt_vl.processing.load_image` (clear errors; files and bytes are
     checked against ``max_pixels`` from the header, before decoding)."""
     import base64
 

@@ -1,4 +1,4 @@
-"""Score a predictions JSONL file against a benchmark (the ``firebolt score`` command).
+"""Score a predictions JSONL file against a benchmark (the ``firebolt-vl score`` command).
 
 Predictions file: one ``{"question_id": ..., "answer": "..."}`` object per line (``"prediction"`` or ``"text"`` are
 accepted in place of ``"answer"``). A truncated last line -- an interrupted run -- is ignored with a warning; a
@@ -71,7 +71,7 @@ def score_predictions_file(benchmark: str, data, predictions_path, split: Option
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="firebolt score", description=__doc__.splitlines()[0])
+    p = parser or argparse.ArgumentParser(prog="firebolt-vl score", description=__doc__.splitlines()[0])
     p.add_argument("benchmark", help="vqav2, pope, mme, ai2d, mmmu, scienceqa, mmbench or synthetic")
     p.add_argument("--data", required=True, help="benchmark data folder or file")
     p.add_argument("--predictions", required=True, help="predictions JSONL")

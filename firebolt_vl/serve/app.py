@@ -37,7 +37,7 @@ from .engine import Engine, EngineStoppedError, Event, Job, QueueFullError, Samp
 from .images import ImagePolicy, image_bytes
 from .schema import APIError, ChatCompletionRequest, validation_error
 
-log = logging.getLogger("firebolt.serve")
+log = logging.getLogger("firebolt_vl.serve")
 
 
 @dataclass
@@ -390,7 +390,7 @@ async def sse_stream(job: Job, events: asyncio.Queue, completion_id: str, stamp:
 # ---- running ----
 class ServerThread:
     """uvicorn serving `app` from a background thread on an already bound socket (port 0 = a free port).
-    Used by the tests and the load test; `firebolt serve` runs uvicorn in the foreground instead."""
+    Used by the tests and the load test; `firebolt-vl serve` runs uvicorn in the foreground instead."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         import uvicorn

@@ -1,4 +1,4 @@
-"""`firebolt chat`: a multi-turn terminal chat about an image, with tokens printed as they are generated.
+"""`firebolt-vl chat`: a multi-turn terminal chat about an image, with tokens printed as they are generated.
 
     you> what is in the picture?
     assistant> a red circle ...

@@ -1,4 +1,4 @@
-"""`firebolt serve`, `firebolt chat` and `firebolt explain`: command functions and their arguments (heavy imports
+"""`firebolt-vl serve`, `firebolt-vl chat` and `firebolt-vl explain`: command functions and their arguments (heavy imports
 stay inside the functions so building the CLI parser stays cheap)."""
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 import torch
 
-log = logging.getLogger("firebolt.serve")
+log = logging.getLogger("firebolt_vl.serve")
 
 
 class QueueFullError(RuntimeError):

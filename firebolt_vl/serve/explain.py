@@ -1,4 +1,4 @@
-"""`firebolt explain`: which image views each prompt word drew on, from the CMM's token-to-grid correlation.
+"""`firebolt-vl explain`: which image views each prompt word drew on, from the CMM's token-to-grid correlation.
 
 Glossary
     T tokens of the templated prompt   T_p tokens of the user's prompt text   W words of the prompt   G views (grids)

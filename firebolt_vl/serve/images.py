@@ -8,7 +8,7 @@
                                 a byte limit and at most 3 redirects
 
 Every problem is an APIError(400) whose message says what was wrong; decoding the bytes into pixels (and the pixel
-limit) is `firebolt.processing.load_image`'s job.
+limit) is `firebolt_vl.processing.load_image`'s job.
 """
 
 from __future__ import annotations

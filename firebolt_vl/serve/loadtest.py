@@ -1,11 +1,11 @@
 """Load test for the server: N concurrent clients send chat completions; prints requests/s, tokens/s and latencies.
 
-    python -m firebolt.serve.loadtest --preset tiny --clients 32 --requests 128       # in-process server, tiny model
-    python -m firebolt.serve.loadtest --model DIR --max-batch-size 1                   # no batching, to compare
-    python -m firebolt.serve.loadtest --url http://127.0.0.1:8000 --model-name NAME   # a running `firebolt serve`
+    python -m firebolt_vl.serve.loadtest --preset tiny --clients 32 --requests 128       # in-process server, tiny model
+    python -m firebolt_vl.serve.loadtest --model DIR --max-batch-size 1                   # no batching, to compare
+    python -m firebolt_vl.serve.loadtest --url http://127.0.0.1:8000 --model-name NAME   # a running `firebolt-vl serve`
 
 With --preset/--model the server runs in this process (uvicorn in a thread); the client side is one asyncio loop
-(httpx), light next to the model but sharing the CPU: a separate `firebolt serve` process gives cleaner figures.
+(httpx), light next to the model but sharing the CPU: a separate `firebolt-vl serve` process gives cleaner figures.
 Half of the requests carry an image (a data: URL) unless --no-image.
 """
 
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
 
         import os
 
-        # as `firebolt serve` does on a CPU: leave a core to the HTTP side (and here, to the client)
+        # as `firebolt-vl serve` does on a CPU: leave a core to the HTTP side (and here, to the client)
         torch.set_num_threads(args.threads or min(torch.get_num_threads(), max(1, (os.cpu_count() or 2) - 1)))
         if args.preset:
             from ..presets import build_tiny

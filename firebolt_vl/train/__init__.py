@@ -1,6 +1,6 @@
 """Training: recipes (YAML -> dataclasses), conversation collation, parameter groups, the trainer.
 
-Public API (imported lazily, so `firebolt --help` stays fast):
+Public API (imported lazily, so `firebolt-vl --help` stays fast):
 
     load_recipe(name_or_path, overrides=None) -> Recipe          packaged `paper` / `demo`, or a YAML file
     run_recipe(recipe, output_dir, model=None, stages=None, resume=False) -> {stage: metrics}

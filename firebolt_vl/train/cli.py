@@ -1,11 +1,11 @@
-"""`firebolt train`: run a recipe's stages, single-process or under torchrun / accelerate launch.
+"""`firebolt-vl train`: run a recipe's stages, single-process or under torchrun / accelerate launch.
 
-    firebolt train --recipe demo --model tiny --data-root data/synth --output runs/demo
-    torchrun --nproc-per-node 2 -m firebolt.cli train --recipe paper --data-root /data --output runs/paper --stage align
-    firebolt train --recipe paper --stage instruct --model runs/paper/align/final \\
+    firebolt-vl train --recipe demo --model tiny --data-root data/synth --output runs/demo
+    torchrun --nproc-per-node 2 -m firebolt_vl.cli train --recipe paper --data-root /data --output runs/paper --stage align
+    firebolt-vl train --recipe paper --stage instruct --model runs/paper/align/final \\
         --data /data/llava-cot/train.jsonl /data/mmpr/mmpr_cot.jsonl --output runs/paper
-    firebolt train ... --resume                       # continue after a crash (finished stages are skipped)
-    firebolt train ... --set stages.align.lr.cmm=1e-3 --set runtime.num_workers=8
+    firebolt-vl train ... --resume                       # continue after a crash (finished stages are skipped)
+    firebolt-vl train ... --set stages.align.lr.cmm=1e-3 --set runtime.num_workers=8
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def train(
     no_progress: bool = False,
     print_recipe: bool = False,
 ) -> int:
-    """Train a Firebolt-VL model through the stages of a recipe (see `firebolt train --help`)."""
+    """Train a Firebolt-VL model through the stages of a recipe (see `firebolt-vl train --help`)."""
     import json
 
     cfg, selected = build_recipe(recipe, overrides, stage, data, val_data, max_steps, device, num_workers, seed,

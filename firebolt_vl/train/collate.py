@@ -4,7 +4,7 @@ Glossary
     B rows in a batch   T tokens (after right padding)   S processor image side   N_img rows that hold an image
 
 A record is `{"image": PIL | path | None, "conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}`
-(the `firebolt.data` readers' layout). The conversation is rendered with the processor's chat template (ChatML for
+(the `firebolt_vl.data` readers' layout). The conversation is rendered with the processor's chat template (ChatML for
 LFM2: `<|startoftext|><|im_start|>user\\n<image>\\nQ<|im_end|>\\n<|im_start|>assistant\\nA<|im_end|>\\n`), the
 `<image>` slot expanded to the model's image_seq_length tokens, exactly as at inference.
 

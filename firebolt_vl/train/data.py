@@ -1,4 +1,4 @@
-"""Deterministic, resumable training streams over the `firebolt.data` readers.
+"""Deterministic, resumable training streams over the `firebolt_vl.data` readers.
 
 Every process (rank) reads its own shard of each source (`reader.shard(rank, world)`: entries g % world == rank).
 Within a shard, entries are cut into windows of W = shuffle_buffer consecutive entries; each epoch visits the windows

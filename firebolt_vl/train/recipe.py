@@ -1,4 +1,4 @@
-"""Training recipes: typed dataclasses that mirror the YAML files in `firebolt/recipes/`.
+"""Training recipes: typed dataclasses that mirror the YAML files in `firebolt_vl/recipes/`.
 
     Recipe
       name, seed, data_root
@@ -45,7 +45,7 @@ class RecipeError(ValueError):
 # ---------------------------------------------------------------------------------------------- dataclasses
 @dataclass
 class DataSource:
-    """One dataset file / shard set, read with `firebolt.data.open_dataset`.
+    """One dataset file / shard set, read with `firebolt_vl.data.open_dataset`.
 
     path: a .json/.jsonl file, a .tar shard, a brace pattern of shards (`cc3m/{00000..00331}.tar`), a directory of
         shards, or a list of shard paths. Relative paths are resolved against the data root (--data-root).
@@ -383,7 +383,7 @@ def from_dict(cls, data, where: str = ""):
 
 # ---------------------------------------------------------------------------------------------- loading
 def packaged_recipes() -> list[str]:
-    """Names of the recipes shipped in firebolt/recipes/."""
+    """Names of the recipes shipped in firebolt_vl/recipes/."""
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
