@@ -218,7 +218,7 @@ def test_ai2d_parquet_and_missing_column(tmp_path):
         "image": [png()]})
     items = load_benchmark("ai2d", tmp_path)
     assert items[0].prompt == ("Which stage is shown?\nA. egg\nB. larva\nC. adult\n" + LETTER_INSTRUCTION)
-    assert items[0].meta["answer"] == "B" and items[0].question_id == 0
+    assert items[0].meta["answer"] == "B" and items[0].question_id == "row-0"  # lmms-eval doc_id 0, as "row-0"
     write_parquet(tmp_path / "bad" / "test-00000-of-00001.parquet", {
         "question": ["q"], "answer": ["0"], "image": [png()]})
     with pytest.raises(BenchmarkDataError) as e:
@@ -238,11 +238,37 @@ def test_scienceqa_img_parquet(tmp_path):
     write_parquet(tmp_path / "ScienceQA-IMG" / "test-00000-of-00001.parquet", cols)
     write_parquet(tmp_path / "ScienceQA-FULL" / "test-00000-of-00001.parquet", cols)
     items = load_benchmark("scienceqa", tmp_path)
-    assert [it.question_id for it in items] == [0, 2]  # the imageless row is dropped
+    assert [it.question_id for it in items] == ["row-0", "row-2"]  # the imageless row is dropped
     assert items[0].prompt == "Which is a mammal?\nA. frog\nB. whale\n" + LETTER_INSTRUCTION
     assert items[1].prompt == "Context: Look at the picture.\nWhich is hot?\nA. ice\nB. fire\n" + LETTER_INSTRUCTION
     assert items[1].meta["answer"] == "B" and pixel(items[1]) == GREEN
     assert len(load_benchmark("scienceqa", tmp_path, limit=1)) == 1
+
+
+def test_scienceqa_official_layout_is_keyed_by_pid(tmp_path):
+    problems = {
+        "5": {"question": "Which is a mammal?", "choices": ["frog", "whale"], "answer": 1, "hint": "",
+              "image": "image.png", "subject": "natural science", "split": "test"},
+        "7": {"question": "Which word is a noun?", "choices": ["run", "cat"], "answer": 1, "hint": "",
+              "image": None, "subject": "language science", "split": "test"},
+        "12": {"question": "Which is hot?", "choices": ["ice", "fire", "snow"], "answer": 1,
+               "hint": "Look at the picture.", "image": "image.png", "subject": "natural science", "split": "test"},
+        "20": {"question": "Train?", "choices": ["a", "b"], "answer": 0, "hint": "", "image": "image.png",
+               "split": "train"},
+    }
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"test": ["12", "5", "7"], "train": ["20"]}))
+    from PIL import Image
+    (tmp_path / "images" / "test" / "12").mkdir(parents=True)
+    Image.new("RGB", (4, 4), GREEN).save(tmp_path / "images" / "test" / "12" / "image.png")
+    items = load_benchmark("scienceqa", tmp_path)
+    assert [it.question_id for it in items] == ["12", "5"]  # pid_splits order; the imageless pid 7 is dropped
+    assert items[0].prompt == ("Context: Look at the picture.\nWhich is hot?\nA. ice\nB. fire\nC. snow\n"
+                               + LETTER_INSTRUCTION)
+    assert items[0].meta["answer"] == "B" and items[0].meta["answer_index"] == 1 and pixel(items[0]) == GREEN
+    assert [it.question_id for it in load_benchmark("scienceqa", tmp_path, split="train")] == ["20"]
+    with pytest.raises(BenchmarkDataError, match="unknown split 'val'"):
+        load_benchmark("scienceqa", tmp_path, split="val")
 
 
 # ------------------------------------------------------------------------------------------------ MMMU

@@ -110,8 +110,11 @@ def test_score_command_reproduces_score(synth, ref_run, capsys):
     # --limit scores the first items like score() on them
     assert cli_main(["score", "--benchmark", "synthetic", "--data", str(synth), "--predictions", str(pred),
                      "--limit", "5"]) == 0
-    partial = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    partial = json.loads(captured.out)
     assert partial.pop("n_unknown_predictions") == len(items) - 5  # predictions beyond the limit are counted
+    assert len(partial.pop("unknown_prediction_examples")) == 5  # and a few of them named
+    assert f"warning: {len(items) - 5} predictions match no item" in captured.err
     assert partial == score("synthetic", items[:5], read_predictions(pred))
 
 

@@ -33,18 +33,19 @@ class BenchmarkSpec:
 
 
 BENCHMARKS = {
-    "vqav2": BenchmarkSpec("vqav2", "VQAv2 open-ended VQA accuracy (%)", "validation / val2014",
+    "vqav2": BenchmarkSpec("vqav2", "VQAv2 open-ended VQA accuracy (%); modes evalai (default) / vqaeval",
+                           "validation / val2014",
                            ("validation", "testdev", "test", "val2014", "test-dev2015"), "overall",
                            LOADERS["vqav2"], SCORERS["vqav2"]),
     "pope": BenchmarkSpec("pope", "POPE object hallucination, yes/no (% metrics, mean over splits)", None,
                           ("random", "popular", "adversarial"), "overall.f1", LOADERS["pope"], SCORERS["pope"]),
     "mme": BenchmarkSpec("mme", "MME yes/no; perception score (max 2000), cognition (max 800)", "test", ("test",),
                          "perception", LOADERS["mme"], SCORERS["mme"]),
-    "ai2d": BenchmarkSpec("ai2d", "AI2D diagrams, letter accuracy (%)", "test", ("test",), "overall",
+    "ai2d": BenchmarkSpec("ai2d", "AI2D diagrams, accuracy (%), lmms-eval's rule", "test", ("test",), "overall",
                           LOADERS["ai2d"], SCORERS["ai2d"]),
     "mmmu": BenchmarkSpec("mmmu", "MMMU (validation), accuracy (%)", "validation", ("validation", "dev", "test"),
                           "overall", LOADERS["mmmu"], SCORERS["mmmu"]),
-    "scienceqa": BenchmarkSpec("scienceqa", "ScienceQA-IMG, letter accuracy (%)", "test",
+    "scienceqa": BenchmarkSpec("scienceqa", "ScienceQA-IMG, accuracy (%); modes llava (default) / official", "test",
                                ("test", "validation", "train"), "overall", LOADERS["scienceqa"],
                                SCORERS["scienceqa"]),
     "mmbench": BenchmarkSpec("mmbench", "MMBench (en) circular evaluation, accuracy (%)", "dev", ("dev", "test"),
@@ -53,11 +54,15 @@ BENCHMARKS = {
                                ("test", "val"), "overall", LOADERS["synthetic"], SCORERS["synthetic"]),
 }
 
-from .score import read_predictions, score_predictions_file  # noqa: E402
+from .score import (  # noqa: E402
+    AmbiguousPredictions, NoMatchingPredictions, match_predictions, read_prediction_records, read_predictions,
+    score_predictions_file,
+)
 from .scorers import score  # noqa: E402,F811  (importing the ``score`` submodule rebinds the package attribute)
 
 __all__ = [
     "BENCHMARKS", "BenchmarkSpec", "BenchmarkDataError", "EvalItem", "ImageRef", "FileImage", "BytesImage",
     "ParquetImage", "FirstImage", "load_benchmark", "score", "format_table", "write_vqav2_submission",
-    "read_predictions", "score_predictions_file",
+    "read_predictions", "score_predictions_file", "read_prediction_records", "match_predictions",
+    "NoMatchingPredictions", "AmbiguousPredictions",
 ]

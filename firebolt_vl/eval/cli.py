@@ -66,11 +66,19 @@ def eval_command(
 def add_score_command_arguments(p):
     p.add_argument("--benchmark", required=True, choices=BENCHMARK_CHOICES)
     p.add_argument("--data", required=True, help="benchmark data folder or file")
-    p.add_argument("--predictions", required=True, help='predictions JSONL ({"question_id", "answer"} per line)')
+    p.add_argument("--predictions", required=True,
+                   help='predictions: JSONL ({"question_id", "answer"} per line; LLaVA answer files; lmms-eval '
+                        'samples with doc_id), a JSON array (VQAv2 result file), an MME Your_Results folder, or a '
+                        'TSV with index and prediction columns (MMBench)')
     p.add_argument("--split", default=None)
     p.add_argument("--limit", type=int, default=None, help="score the first N items only")
     p.add_argument("--only-predicted", action="store_true",
                    help="score only items that have a prediction (a partial run); by default missing ones are wrong")
+    p.add_argument("--mode", default=None,
+                   help="the reference to reproduce: vqav2 evalai (default; the test-dev server) or vqaeval "
+                        "(GT-Vision-Lab); scienceqa llava (default) or official (lupantech, random fallback)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the random fallback (scienceqa --mode official: 10; mmmu: 42)")
     p.add_argument("--table", action="store_true", help="print a readable table instead of JSON")
 
 
@@ -81,16 +89,24 @@ def score_command(
     split: str | None = None,
     limit: int | None = None,
     only_predicted: bool = False,
+    mode: str | None = None,
+    seed: int | None = None,
     table: bool = False,
 ) -> int:
-    """Score a predictions file against a benchmark and print the scores (JSON, or a table with --table)."""
-    from .score import score_predictions_file
+    """Score a predictions file against a benchmark and print the scores (JSON, or a table with --table).
+
+    Coverage warnings go to stderr; no matching prediction at all is an error (exit status 2)."""
+    from .score import coverage_messages, score_predictions_file
     from .scorers import format_table
 
-    if not os.path.isfile(predictions):
+    if not os.path.exists(predictions):
         raise FileNotFoundError(f"predictions file not found: {predictions}")
     result = score_predictions_file(benchmark, data, predictions, split=split, limit=limit,
-                                    only_predicted=only_predicted)
+                                    only_predicted=only_predicted, mode=mode, seed=seed)
+    for msg in coverage_messages(result, only_predicted):
+        print(msg, file=sys.stderr)
+    if "mode" in result:
+        print(f"{benchmark}: scored in mode {result['mode']}", file=sys.stderr)
     if table:
         print(format_table(benchmark, result))
     else:

@@ -15,9 +15,10 @@ pope        ``lmms-lab/POPE`` parquet (default config ``test`` split with a ``ca
 mme         ``lmms-lab/MME`` parquet; official folders (``<subtask>/questions_answers_YN/*.txt`` +
             ``<subtask>/images/``, or ``<subtask>/<name>.txt`` beside ``<name>.jpg``; lines ``question\\tanswer``),
             or eval-tool files ``<subtask>.txt`` with ``image\\tquestion\\tanswer`` lines (images in ``<subtask>/``)
-ai2d        ``lmms-lab/ai2d`` parquet (``test``)
+ai2d        ``lmms-lab/ai2d`` parquet (``test``); ``question_id`` ``"row-<n>"`` (n = lmms-eval's 0-based ``doc_id``)
 mmmu        ``lmms-lab/MMMU`` parquet (``validation`` default, ``dev``, ``test``)
-scienceqa   ``lmms-lab/ScienceQA`` parquet; the ``ScienceQA-IMG`` config folder is preferred when present, and rows
+scienceqa   official ``problems.json`` + ``pid_splits.json`` (ids: the pids); ``lmms-lab/ScienceQA`` parquet (ids
+            ``"row-<n>"``); the ``ScienceQA-IMG`` config folder is preferred when present, and rows
             without an image are dropped (ScienceQA-IMG is the image subset)
 mmbench     ``lmms-lab/MMBench`` parquet (``en`` config preferred; ``dev`` default); VLMEvalKit TSV (``index``,
             ``question``, ``hint``, ``A``..``D``, ``answer``, ``category``, ``l2-category``, base64 ``image``) as a
@@ -554,7 +555,8 @@ def _mme_items(rows: Iterable[Tuple[str, str, str, str, Any]]) -> List[EvalItem]
         k = seen.get(key, 0)
         seen[key] = k + 1
         items.append(EvalItem(question_id=f"{key}#{k}", image=image, prompt=P.mme_prompt(question),
-                              meta={"category": cat, "image_key": key, "answer": str(answer).strip()}))
+                              meta={"category": cat, "image_key": key, "answer": str(answer).strip(),
+                                    "question": str(question)}))
     return items
 
 
@@ -658,16 +660,29 @@ def load_ai2d(data_path, split=None, limit=None) -> List[EvalItem]:
         if not 0 <= ans < len(options):
             raise BenchmarkDataError(bench, f"row {i}: answer index {ans} outside {len(options)} options")
         letters = P.option_letters(len(options))
-        items.append(EvalItem(question_id=i, image=imgs["image"], prompt=P.ai2d_prompt(r["question"], options),
+        items.append(EvalItem(question_id=f"row-{i}", image=imgs["image"], prompt=P.ai2d_prompt(r["question"], options),
                               meta={"answer": letters[ans], "options": options, "index": i}))
     return items
 
 
 def load_scienceqa(data_path, split=None, limit=None) -> List[EvalItem]:
-    """ScienceQA-IMG: rows without an image are dropped; ``question_id`` is the row number in the split."""
+    """ScienceQA-IMG (only questions with an image).
+
+    * official layout (lupantech/ScienceQA ``data/scienceqa``: ``problems.json`` + ``pid_splits.json``, images
+      ``images/<split>/<pid>/image.png`` or ``<split>/<pid>/image.png``): ``question_id`` is the problem id (pid, a
+      string), the id LLaVA's answer files use; split ``test`` (default), ``val``, ``minival``, ``train``...
+    * ``lmms-lab/ScienceQA`` parquet (the ``ScienceQA-IMG`` config folder preferred): the rows carry no pid, so
+      ``question_id`` is ``"row-<n>"`` (n = the row in the split file, lmms-eval's ``doc_id``); rows without an image
+      are dropped.
+    """
     bench = "scienceqa"
     root = _path(data_path)
     _require_exists(bench, root)
+    official = root if root.is_dir() and (root / "problems.json").is_file() else None
+    if official is None and root.is_file() and root.name == "problems.json":
+        official = root.parent
+    if official is not None:
+        return _load_scienceqa_official(official, split or "test", limit)
     files, _ = _find_parquet(bench, root, split, ["test"], prefer_dirs=["ScienceQA-IMG"])
     items: List[EvalItem] = []
     dropped = 0
@@ -684,7 +699,8 @@ def load_scienceqa(data_path, split=None, limit=None) -> List[EvalItem]:
         hint = r.get("hint")
         hint = None if _is_missing(hint) else str(hint)
         letters = P.option_letters(len(choices))
-        items.append(EvalItem(question_id=i, image=ref, prompt=P.scienceqa_prompt(r["question"], choices, hint),
+        items.append(EvalItem(question_id=f"row-{i}", image=ref,
+                              prompt=P.scienceqa_prompt(r["question"], choices, hint),
                               meta={"answer": letters[ans], "choices": choices, "answer_index": ans, "index": i,
                                     "subject": r.get("subject"), "grade": r.get("grade"),
                                     "category": r.get("category")}))
@@ -692,6 +708,47 @@ def load_scienceqa(data_path, split=None, limit=None) -> List[EvalItem]:
             break
     if dropped:
         logger.info("scienceqa: dropped %d rows without an image (ScienceQA-IMG)", dropped)
+    return items
+
+
+def _load_scienceqa_official(root: Path, split: str, limit) -> List[EvalItem]:
+    bench = "scienceqa"
+    splits_file = root / "pid_splits.json"
+    if not splits_file.is_file():
+        raise BenchmarkDataError(bench, f"missing {splits_file} (problems.json needs pid_splits.json beside it)")
+    try:
+        problems = json.loads((root / "problems.json").read_text(encoding="utf-8"))
+        pid_splits = json.loads(splits_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BenchmarkDataError(bench, f"{root}: malformed JSON ({e})") from e
+    if split not in pid_splits:
+        raise BenchmarkDataError(bench, f"unknown split {split!r} in {splits_file} (has {', '.join(pid_splits)})")
+    items: List[EvalItem] = []
+    for pid in pid_splits[split]:
+        pid = str(pid)
+        if pid not in problems:
+            raise BenchmarkDataError(bench, f"pid {pid} of split {split} is not in problems.json")
+        prob = problems[pid]
+        if not prob.get("image"):
+            continue  # ScienceQA-IMG: the image questions only
+        for k in ("question", "choices", "answer"):
+            if k not in prob:
+                raise BenchmarkDataError(bench, f"missing key {k!r} for pid {pid} in problems.json")
+        choices = [str(c) for c in prob["choices"]]
+        ans = int(prob["answer"])
+        if not 0 <= ans < len(choices):
+            raise BenchmarkDataError(bench, f"pid {pid}: answer index {ans} outside {len(choices)} choices")
+        name = str(prob["image"])
+        img = FileImage([root / "images" / split / pid / name, root / split / pid / name,
+                         root / "images" / pid / name], bench)
+        letters = P.option_letters(len(choices))
+        hint = prob.get("hint") or None
+        items.append(EvalItem(question_id=pid, image=img, prompt=P.scienceqa_prompt(prob["question"], choices, hint),
+                              meta={"answer": letters[ans], "choices": choices, "answer_index": ans, "pid": pid,
+                                    "subject": prob.get("subject"), "grade": prob.get("grade"),
+                                    "category": prob.get("category")}))
+        if limit is not None and len(items) >= limit:
+            break
     return items
 
 

@@ -1,22 +1,29 @@
 """Exact scorers of the evaluation benchmarks.
 
-Each benchmark's counting follows its official scorer (see ``/work/shared/REFERENCE.md`` section 3):
+Each scorer reproduces one named reference implementation, quirks included (repository, file and commit in the
+scorer's docstring; ``/work/shared/REFERENCE.md`` section 3 has the rules):
 
-* VQAv2 -- GT-Vision-Lab ``vqaEval.py`` (answer normalisation, leave-one-out by position, min(1, matches / 3)).
-* POPE -- AoiDragon/POPE ``evaluate.py`` (first sentence, ``No``/``no``/``not`` -> no; yes is positive; yes-ratio is
-  the share of *predicted* yes).
-* MME -- ``eval_tool/calculation.py`` (exact yes/no, else yes/no in the first 4 characters, else other; acc and acc+
-  in percent per subtask; perception and cognition sums).
-* AI2D / ScienceQA-IMG -- letter accuracy.
+* VQAv2 -- two modes: ``evalai`` (default; Cloud-CV/VQA-Challenge, the EvalAI test-dev server's code) and ``vqaeval``
+  (GT-Vision-Lab/VQA ``vqaEval.py``). They differ (see :func:`vqa_accuracy`).
+* POPE -- AoiDragon/POPE ``evaluate.py`` / haotian-liu/LLaVA ``llava/eval/eval_pope.py``.
+* MME -- BradyFU MME ``eval_tool/calculation.py`` (no stripping of the response).
+* AI2D -- no official scorer: lmms-eval's ``ai2d`` task (``^\\s*([A-Z])\\.`` filter, exact match ignoring case and
+  ``string.punctuation``).
+* ScienceQA-IMG -- two modes: ``llava`` (default; LLaVA ``eval_science_qa.py`` feeding lupantech's accuracy) and
+  ``official`` (lupantech/ScienceQA ``run_gpt3.py``: "The answer is X." else a seeded random choice).
 * MMMU -- MMMU-Benchmark ``eval/eval_utils.py`` (multiple-choice parse with a seeded random fallback, open-answer
   parse with indicator words and numbers).
 * MMBench -- VLMEvalKit circular evaluation with the rule-based (exact-matching, no judge model) letter extraction.
 
 All accuracy-like numbers are reported in percent (0-100); counts are ints. Every result dict carries
-``main_metric`` (a name) and ``main`` (its value) besides the benchmark's own keys.
+``main_metric`` (a name) and ``main`` (its value) besides the benchmark's own keys, and the coverage:
+``n_items`` (items scored), ``n_predicted`` (those with a prediction), ``coverage`` (percent); scorers with modes
+also carry ``mode``.
 
-Predictions are ``{question_id: text}``; ids are matched by ``str(question_id)`` so int and str ids interoperate.
-An item without a prediction is scored as the empty answer (wrong) and counted in ``n_missing``.
+Predictions are ``{question_id: text}``; ids are matched exactly by ``str(question_id)`` (so int 7 and "7" are the
+same id), never by position. An item without a prediction is scored as the empty answer (wrong) and counted in
+``n_missing``. Reading prediction files in the official tools' forms and mapping their ids onto the items is
+:mod:`firebolt_vl.eval.score`'s job.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import string
 import warnings
 from collections import OrderedDict, defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -131,21 +139,76 @@ def vqa_normalize(answer: str) -> str:
     return vqa_process_digit_article(vqa_process_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
-    """VQA accuracy of one prediction in [0, 1].
+# EvalAI's challenge code (Cloud-CV/VQA-Challenge) processes punctuation with regular expressions instead.
+_EVALAI_P = r"\\;/\"`\[\](){}<>@=+_\-,?!"
+_EVALAI_COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
+_EVALAI_PUNC_STRIP = re.compile(r"(?<=[ " + _EVALAI_P + r"])([" + _EVALAI_P + r"])|([" + _EVALAI_P + r"])(?=[ "
+                                + _EVALAI_P + r"])")
+_EVALAI_PUNC_STRIP2 = re.compile(r"(?<=[a-zA-Z])([" + _EVALAI_P + r"])(?=[a-zA-Z])")
+_EVALAI_PUNC_STRIP_BEGIN = re.compile(r"\A([ " + _EVALAI_P + r"]+)(?=[a-zA-Z0-9 ])")
+_EVALAI_PUNC_STRIP_END = re.compile(r"(?<=[a-zA-Z0-9 ])([ " + _EVALAI_P + r"]+)\Z")
+_EVALAI_SPACE_CLEANUP = re.compile(r"([ ]+)")
 
-    The prediction is normalised (as the standard submission pipeline does before upload). As in the official
-    evaluator, the ground-truth answers (whitespace-cleaned) are normalised -- and the prediction normalised again --
-    only when they are not all identical. For each of the N human answers *by position*, the score is
-    ``min(1, #(other answers equal to the prediction) / 3)``; the accuracy is the mean over the N.
+VQA_MODES = ("evalai", "vqaeval")
+VQA_DEFAULT_MODE = "evalai"
+
+
+def vqa_evalai_process_punctuation(text: str) -> str:
+    """EvalAI challenge ``processPunctuation`` (Cloud-CV/VQA-Challenge ``PythonEvaluationTools/vqaEvaluation/
+    vqaEval.py``, commit 853234efc31b74857185b06a9fdab31d990c1710): strip punctuation runs at the start and the end,
+    delete digit,digit commas, replace a punctuation mark touching a space or another mark by a space, squeeze spaces,
+    replace a mark between two letters by a space, then delete periods not followed by a digit (at most 32: the
+    ``re.UNICODE`` passed as ``count``)."""
+    out = _EVALAI_PUNC_STRIP_BEGIN.sub("", text)
+    out = _EVALAI_PUNC_STRIP_END.sub("", out)
+    out = _EVALAI_COMMA_STRIP.sub("", out)
+    out = _EVALAI_PUNC_STRIP.sub(" ", out)
+    out = _EVALAI_SPACE_CLEANUP.sub(" ", out)
+    out = _EVALAI_PUNC_STRIP2.sub(" ", out)
+    out = _EVALAI_PUNC_STRIP2.sub("", out)
+    return _VQA_PERIOD_STRIP.sub("", out, count=32)
+
+
+def _vqa_clean_ws(text) -> str:
+    return str(text).replace("\n", " ").replace("\t", " ").strip()
+
+
+def vqa_evalai_normalize(answer: str) -> str:
+    """What the EvalAI server does to every submitted answer: whitespace clean-up, its punctuation processing, then
+    number words / articles / contractions."""
+    return vqa_process_digit_article(vqa_evalai_process_punctuation(_vqa_clean_ws(answer)))
+
+
+def vqa_accuracy(prediction: str, gt_answers: Sequence[str], mode: str = VQA_DEFAULT_MODE) -> float:
+    """VQA accuracy of one prediction in [0, 1]. For each of the N human answers *by position*, the score is
+    ``min(1, #(other answers equal to the processed prediction) / 3)``; the accuracy is the mean over the N.
+
+    ``mode="evalai"`` -- the test-dev server (Cloud-CV/VQA-Challenge ``PythonEvaluationTools/vqaEvaluation/
+    vqaEval.py``, commit 853234efc31b74857185b06a9fdab31d990c1710, ``VQAEval.evaluate``): the prediction is always
+    whitespace-cleaned and processed (:func:`vqa_evalai_normalize`); the ground-truth answers are taken as they are
+    when all identical, else only their punctuation is processed (no number words, no articles: "ten" never equals
+    "10", "an apple" never equals "apple").
+
+    ``mode="vqaeval"`` -- GT-Vision-Lab/VQA ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` (commit
+    c4e6a0e4e84b9702d99800d3393652d92b5df224): prediction and answers are whitespace-cleaned; only when the answers are
+    not all identical are both processed (:func:`vqa_process_punctuation` + :func:`vqa_process_digit_article`), so
+    "Two" against ten "2" scores 0.
     """
     if not gt_answers:
         raise ValueError("vqa_accuracy needs at least one ground-truth answer")
-    res = vqa_normalize(prediction)
-    gts = [str(a).replace("\n", " ").replace("\t", " ").strip() for a in gt_answers]
-    if len(set(gts)) > 1:
-        gts = [vqa_process_digit_article(vqa_process_punctuation(a)) for a in gts]
-        res = vqa_process_digit_article(vqa_process_punctuation(res))
+    if mode == "evalai":
+        res = vqa_evalai_normalize("" if prediction is None else prediction)
+        gts = [str(a) for a in gt_answers]
+        if len(set(gts)) > 1:
+            gts = [vqa_evalai_process_punctuation(a) for a in gts]
+    elif mode == "vqaeval":
+        res = _vqa_clean_ws("" if prediction is None else prediction)
+        gts = [_vqa_clean_ws(a) for a in gt_answers]
+        if len(set(gts)) > 1:
+            gts = [vqa_process_digit_article(vqa_process_punctuation(a)) for a in gts]
+            res = vqa_process_digit_article(vqa_process_punctuation(res))
+    else:
+        raise ValueError(f"unknown VQAv2 mode {mode!r}; choose one of {', '.join(VQA_MODES)}")
     accs = []
     for i in range(len(gts)):
         matches = sum(1 for j, g in enumerate(gts) if j != i and g == res)
@@ -153,10 +216,16 @@ def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
     return sum(accs) / len(accs)
 
 
-def score_vqav2(items, predictions) -> dict:
-    """VQAv2 accuracy (percent), overall and per answer type / question type. Items whose ``meta["answers"]`` is
-    None (test-dev / test) cannot be scored locally: they are counted in ``n_unscored`` (use
+def score_vqav2(items, predictions, mode: str = VQA_DEFAULT_MODE) -> dict:
+    """VQAv2 accuracy (percent), overall and per answer type / question type, in ``mode`` (``evalai``, the default:
+    what the test-dev server computes; ``vqaeval``: GT-Vision-Lab's local evaluator; see :func:`vqa_accuracy`).
+
+    The server's rounding of its chunk means to 2 decimals (Cloud-CV/VQA-Challenge ``main.py``) is not reproduced:
+    per-question accuracies are equal, the overall may differ in the last printed digit. Items whose
+    ``meta["answers"]`` is None (test-dev / test) cannot be scored locally: they are counted in ``n_unscored`` (use
     :func:`write_vqav2_submission`)."""
+    if mode not in VQA_MODES:
+        raise ValueError(f"unknown VQAv2 mode {mode!r}; choose one of {', '.join(VQA_MODES)}")
     lookup = _prediction_lookup(predictions)
     accs, per_at, per_qt = [], defaultdict(list), defaultdict(list)
     n_missing = n_unscored = 0
@@ -167,11 +236,12 @@ def score_vqav2(items, predictions) -> dict:
             continue
         pred, missing = _get_prediction(lookup, it.question_id)
         n_missing += missing
-        acc = vqa_accuracy(pred, answers)
+        acc = vqa_accuracy(pred, answers, mode=mode)
         accs.append(acc)
         per_at[str(it.meta.get("answer_type") or "unknown")].append(acc)
         per_qt[str(it.meta.get("question_type") or "unknown")].append(acc)
     out = {
+        "mode": mode,
         "overall": 100.0 * _mean(accs),
         "per_answer_type": {k: 100.0 * _mean(v) for k, v in sorted(per_at.items())},
         "per_question_type": {k: 100.0 * _mean(v) for k, v in sorted(per_qt.items())},
@@ -184,7 +254,9 @@ def write_vqav2_submission(predictions: Mapping[Any, Any], path, question_ids: O
                            normalize: bool = False) -> int:
     """Write the EvalAI VQAv2 result file ``[{"question_id": int, "answer": str}, ...]`` atomically (temporary file in
     the same folder, then ``os.replace``). Answers are whitespace-cleaned (newlines/tabs to spaces, stripped);
-    ``normalize=True`` also applies :func:`vqa_normalize` (the server normalises anyway).
+    ``normalize=True`` also applies :func:`vqa_evalai_normalize` (the server's own processing; it processes every
+    answer anyway). ``firebolt-vl score vqav2 --mode evalai --predictions <this file>`` scores the file as the server
+    does.
 
     ``question_ids``: every id the server expects (the test-dev phase wants the whole test2015 question set); the
     file then holds exactly those ids, ``""`` where there is no prediction. Returns the number of entries written. Raises ValueError on a non-integer id."""
@@ -205,7 +277,7 @@ def write_vqav2_submission(predictions: Mapping[Any, Any], path, question_ids: O
     answers: Dict[int, str] = {}
     for q, a in predictions.items():
         text = "" if a is None else str(a).replace("\n", " ").replace("\t", " ").strip()
-        answers[_qid(q)] = vqa_normalize(text) if normalize else text
+        answers[_qid(q)] = vqa_evalai_normalize(text) if normalize else text
     if question_ids is not None:
         ids = list(OrderedDict.fromkeys(_qid(q) for q in question_ids))
         extra = len(set(answers) - set(ids))
@@ -300,7 +372,11 @@ def _pope_by_split(rows: List[Tuple[str, str, str]]) -> dict:
 
 
 def score_pope(items, predictions) -> dict:
-    """POPE per split (``meta["split"]``) and the overall average over splits (main metric: mean F1)."""
+    """POPE per split (``meta["split"]``) and the overall average over splits (main metric: mean F1).
+
+    Reproduces AoiDragon/POPE ``evaluate.py`` (commit f3ec604337f1d1c9723ef8d01b4accacf8badb3d) and haotian-liu/LLaVA
+    ``llava/eval/eval_pope.py`` (commit c121f0432da27facab705978f83c4ada465e46fd), one split file at a time; those
+    pair answers with labels by position, here they are matched by id (see :mod:`firebolt_vl.eval.score`)."""
     lookup = _prediction_lookup(predictions)
     rows, n_missing = [], 0
     for it in items:
@@ -322,9 +398,12 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
 
 
 def mme_parse(text: str) -> str:
-    """Official MME parse (lower-cased): exactly "yes"/"no", else "yes"/"no" inside the first 4 characters, else
-    "other" (always wrong). Surrounding whitespace is stripped first."""
-    p = ("" if text is None else str(text)).strip().lower()
+    """MME parse (BradyFU/Awesome-Multimodal-Large-Language-Models ``tools/eval_tool.zip`` -> ``calculation.py``,
+    commit 1c1d69e138b57cf8b0400427927bfb8ed4285458, ``parse_pred_ans``): lower-cased, exactly "yes"/"no", else
+    "yes"/"no" inside the first 4 characters, else "other" (always wrong). Nothing is stripped, as officially: " yes"
+    is yes (" yes" holds "yes") but "  yes" is other. (The official tool reads the response with the line's "\n";
+    trailing whitespace cannot change the result, so it is not added.)"""
+    p = ("" if text is None else str(text)).lower()
     if p in ("yes", "no"):
         return p
     prefix = p[:4]
@@ -357,7 +436,8 @@ def mme_subtask_scores(rows: Sequence[Tuple[Any, str, str]]) -> dict:
 
 
 def score_mme(items, predictions) -> dict:
-    """MME: per-subtask acc / acc+ / score; ``perception`` = sum of the 10 perception subtask scores (max 2000),
+    """MME (BradyFU ``eval_tool/calculation.py``, see :func:`mme_parse`): per-subtask acc / acc+ / score;
+    ``perception`` = sum of the 10 perception subtask scores (max 2000),
     ``cognition`` = sum of the cognition subtasks present (max 800). Main metric: perception."""
     lookup = _prediction_lookup(predictions)
     by_cat: Dict[str, list] = defaultdict(list)
@@ -388,15 +468,16 @@ def score_mme(items, predictions) -> dict:
 # ======================================================================================================
 
 _LETTER_DOT = re.compile(r"^([A-Z])\.")
-_ANSWER_IS = re.compile(r"The answer is ([A-Z])\.")
+_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")  # unescaped '.', as in the references: any character but "\n"
 
 
 def parse_letter_answer(response: str, answer_is_fallback: bool = False) -> Optional[str]:
-    """Option letter from a response to "Answer with the option's letter ... directly.".
+    """Lenient option-letter parse, used by the synthetic benchmark's ``letter`` scorer only (AI2D and ScienceQA follow
+    their references: :func:`ai2d_lmms_eval_filter`, :func:`scienceqa_llava_parse`).
 
     * the whole response, ignoring case, whitespace and punctuation, is one letter ("b", "(B)", "B.") -> it;
     * the response starts with a capital letter followed by '.' ("B. a cat") -> that letter;
-    * ``answer_is_fallback`` (ScienceQA, LLaVA's eval script): exactly one "The answer is X." -> X;
+    * ``answer_is_fallback``: exactly one "The answer is X." -> X;
     * otherwise None (unparsed, wrong).
     """
     r = ("" if response is None else str(response)).strip()
@@ -413,34 +494,129 @@ def parse_letter_answer(response: str, answer_is_fallback: bool = False) -> Opti
     return None
 
 
-def _score_letter(items, predictions, breakdown_key: Optional[str], answer_is_fallback: bool) -> dict:
+# ---------------------------------------------------------------------------------------------------- AI2D
+
+_AI2D_LETTER = re.compile(r"^\s*([A-Z])\.")
+_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+
+
+def ai2d_lmms_eval_filter(response: str) -> str:
+    """lmms-eval ``ai2d`` filter (EvolvingLMMs-Lab/lmms-eval ``lmms_eval/tasks/ai2d/utils.py``
+    ``MultiChoiceRegexFilter.apply``, tag v0.7.2 = commit cb45ac4d4a667ea5ef89c7a148bff69b3489b981): a response that
+    starts (after optional whitespace) with a capital letter and '.' gives that letter; otherwise the raw text."""
+    text = "" if response is None else str(response)
+    m = _AI2D_LETTER.match(text)
+    return m.group(1) if m else text
+
+
+def ai2d_exact_match(filtered: str, target: str) -> bool:
+    """lmms-eval ``exact_match`` with ``ignore_case`` and ``ignore_punctuation`` (``lmms_eval/api/metrics.py``
+    ``exact_match_hf_evaluate``): lower-case both, delete ``string.punctuation`` (ASCII only: "。", "（", "“" stay),
+    compare exactly (spaces count: "( B )" -> " b " is wrong)."""
+    return filtered.lower().translate(_PUNCT_TABLE) == str(target).lower().translate(_PUNCT_TABLE)
+
+
+def score_ai2d(items, predictions) -> dict:
+    """AI2D accuracy (percent) by lmms-eval's rule, the de-facto scorer (there is no official one): the
+    ``flexible-extract`` filter (:func:`ai2d_lmms_eval_filter`) then exact match ignoring case and punctuation against
+    the answer letter (``lmms_eval/tasks/ai2d/ai2d.yaml``, v0.7.2). ``n_unparsed``: responses the filter left as raw
+    text that are not one letter after dropping case and punctuation."""
     lookup = _prediction_lookup(predictions)
-    hits, per = [], defaultdict(list)
+    hits = []
     n_missing = n_unparsed = 0
     for it in items:
         pred, missing = _get_prediction(lookup, it.question_id)
         n_missing += missing
-        letter = parse_letter_answer(pred, answer_is_fallback=answer_is_fallback)
-        n_unparsed += letter is None
-        ok = letter is not None and letter == str(it.meta["answer"]).strip().upper()
-        hits.append(ok)
-        if breakdown_key is not None:
-            per[str(it.meta.get(breakdown_key) or "unknown")].append(ok)
+        filtered = ai2d_lmms_eval_filter(pred)
+        core = filtered.translate(_PUNCT_TABLE)
+        n_unparsed += not (len(core) == 1 and core.isalpha())
+        hits.append(ai2d_exact_match(filtered, str(it.meta["answer"]).strip()))
     out: Dict[str, Any] = {"overall": 100.0 * _mean(hits), "n": len(hits), "n_unparsed": n_unparsed,
                            "n_missing": n_missing}
-    if breakdown_key is not None and per:
-        out[f"per_{breakdown_key}"] = {k: {"acc": 100.0 * _mean(v), "n": len(v)} for k, v in sorted(per.items())}
     return _with_main(out, "overall", out["overall"])
 
 
-def score_ai2d(items, predictions) -> dict:
-    """AI2D letter accuracy (percent)."""
-    return _score_letter(items, predictions, None, answer_is_fallback=False)
+# ---------------------------------------------------------------------------------------------------- ScienceQA
+
+SCIENCEQA_OPTIONS = ("A", "B", "C", "D", "E")
+SCIENCEQA_MODES = ("llava", "official")
+SCIENCEQA_DEFAULT_MODE = "llava"
+SCIENCEQA_SEED = 10
 
 
-def score_scienceqa(items, predictions) -> dict:
-    """ScienceQA-IMG letter accuracy (percent), with a per-subject breakdown."""
-    return _score_letter(items, predictions, "subject", answer_is_fallback=True)
+def scienceqa_llava_parse(response: str) -> Optional[str]:
+    """LLaVA's ScienceQA parse (haotian-liu/LLaVA ``llava/eval/eval_science_qa.py``, commit
+    c121f0432da27facab705978f83c4ada465e46fd): the response is exactly one of A-E; else it is at least 3 characters,
+    starts with one of A-E and then ". "; else ``The answer is ([A-Z]).`` (unescaped '.') matches exactly once;
+    else None ("FAILED"). Nothing is stripped or case-folded: "b", "(B)", "B.", "B)", "**B**", "B.dog", " B" fail;
+    "The answer is C because ..." gives C."""
+    text = "" if response is None else str(response)
+    if text in SCIENCEQA_OPTIONS:
+        return text
+    if len(text) >= 3 and text[0] in SCIENCEQA_OPTIONS and text[1:3] == ". ":
+        return text[0]
+    found = _ANSWER_IS.findall(text)
+    return found[0] if len(found) == 1 else None
+
+
+def scienceqa_official_parse(response: str) -> Optional[str]:
+    """lupantech/ScienceQA ``models/run_gpt3.py`` (commit 360b71cb6a36b9e3161dc9b65e9d86458b7d13a3,
+    ``get_gpt3_result``): the stripped response must hold ``The answer is ([A-Z]).`` exactly once; else None
+    ("FAILED", then a random choice in :func:`score_scienceqa`). A bare "B" is FAILED."""
+    text = ("" if response is None else str(response)).strip()
+    found = _ANSWER_IS.findall(text)
+    return found[0] if len(found) == 1 else None
+
+
+def score_scienceqa(items, predictions, mode: str = SCIENCEQA_DEFAULT_MODE, seed: int = SCIENCEQA_SEED) -> dict:
+    """ScienceQA-IMG accuracy (percent) with a per-subject breakdown, in ``mode``:
+
+    * ``llava`` (default; what small-VLM papers report): :func:`scienceqa_llava_parse`; a letter beyond the item's
+      choices or a failed parse is index -1 (wrong) -- LLaVA's ``get_pred_idx``; the accuracy is lupantech's
+      ``acc_has_image`` (``tools/evaluate_acc.py``, commit 360b71cb6a36b9e3161dc9b65e9d86458b7d13a3) over the image
+      questions, an item without a prediction counting as wrong (LLaVA's "FAILED"). (LLaVA's own printed
+      "IMG-Accuracy" leaves items without a prediction out; the coverage shows them.)
+    * ``official``: :func:`scienceqa_official_parse`; a failed parse or a letter beyond the choices takes
+      ``random.choice(range(len(choices)))`` from one ``random.Random(seed)`` (run_gpt3's ``--seed``, default 10)
+      consumed in item order. (run_gpt3 also draws its few-shot examples from the same generator, so its exact draws
+      depend on that run; the count of random fallbacks is reported as ``n_random_fallback``.)
+    """
+    if mode not in SCIENCEQA_MODES:
+        raise ValueError(f"unknown ScienceQA mode {mode!r}; choose one of {', '.join(SCIENCEQA_MODES)}")
+    lookup = _prediction_lookup(predictions)
+    rng = random.Random(seed)
+    hits, per = [], defaultdict(list)
+    n_missing = n_unparsed = n_random = 0
+    for it in items:
+        pred, missing = _get_prediction(lookup, it.question_id)
+        n_missing += missing
+        n_choices = len(it.meta.get("choices") or SCIENCEQA_OPTIONS)
+        valid = SCIENCEQA_OPTIONS[:n_choices]
+        if mode == "llava":
+            letter = scienceqa_llava_parse("FAILED" if missing else pred)
+            idx = valid.index(letter) if letter in valid else -1
+        else:
+            letter = scienceqa_official_parse(pred)
+            if letter in valid:
+                idx = valid.index(letter)
+            else:
+                idx = rng.choice(range(n_choices))
+                n_random += 1
+        n_unparsed += letter is None
+        gold = it.meta.get("answer_index")
+        if gold is None:
+            gold = SCIENCEQA_OPTIONS.index(str(it.meta["answer"]).strip().upper())
+        ok = idx == int(gold)
+        hits.append(ok)
+        per[str(it.meta.get("subject") or "unknown")].append(ok)
+    out: Dict[str, Any] = {"mode": mode, "overall": 100.0 * _mean(hits), "n": len(hits), "n_unparsed": n_unparsed,
+                           "n_missing": n_missing}
+    if mode == "official":
+        out["seed"] = seed
+        out["n_random_fallback"] = n_random
+    if per:
+        out["per_subject"] = {k: {"acc": 100.0 * _mean(v), "n": len(v)} for k, v in sorted(per.items())}
+    return _with_main(out, "overall", out["overall"])
 
 
 # ======================================================================================================
@@ -795,7 +971,7 @@ def score_synthetic(items, predictions) -> dict:
         key = fam if len(fam_scorers[fam]) == 1 else f"{fam}/{scorer}"
         answer = str(it.meta["answer"])
         if scorer == "vqa":
-            val = vqa_accuracy(pred, [vqa_normalize(answer)] * 10)
+            val = float(vqa_normalize(pred) == vqa_normalize(answer))  # a normalised exact match
             row = val
         elif scorer == "pope":
             parsed = pope_parse(pred)
@@ -843,16 +1019,43 @@ SCORERS: Dict[str, Callable] = {
 }
 
 
-def score(name: str, items, predictions: Mapping[Any, Any]) -> dict:
+SCORER_MODES: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "vqav2": (VQA_MODES, VQA_DEFAULT_MODE), "scienceqa": (SCIENCEQA_MODES, SCIENCEQA_DEFAULT_MODE),
+}
+
+
+def score(name: str, items, predictions: Mapping[Any, Any], mode: Optional[str] = None,
+          seed: Optional[int] = None) -> dict:
     """Score ``predictions`` ({question_id: text}) on the loaded ``items`` of benchmark ``name``. Returns a JSON-able
-    dict with ``benchmark``, ``main_metric``, ``main`` and the benchmark's own metrics (percent)."""
+    dict with ``benchmark``, ``main_metric``, ``main``, the coverage (``n_items``, ``n_predicted``, ``coverage`` in
+    percent) and the benchmark's own metrics (percent).
+
+    ``mode``: the reference to reproduce where two disagree (vqav2: ``evalai`` / ``vqaeval``; scienceqa: ``llava`` /
+    ``official``); None = the default. ``seed``: the random fallback's seed (scienceqa official mode, mmmu)."""
     key = str(name).lower()
     if key not in SCORERS:
         raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(SCORERS)}")
+    kwargs: Dict[str, Any] = {}
+    if mode is not None:
+        if key not in SCORER_MODES:
+            raise ValueError(f"{key} has one scorer, no modes (modes exist for {', '.join(SCORER_MODES)})")
+        modes = SCORER_MODES[key][0]
+        if mode not in modes:
+            raise ValueError(f"unknown {key} mode {mode!r}; choose one of {', '.join(modes)}")
+        kwargs["mode"] = mode
+    if seed is not None:
+        if key not in ("scienceqa", "mmmu"):
+            raise ValueError(f"{key} has no random fallback; --seed applies to scienceqa (official mode) and mmmu")
+        kwargs["seed"] = int(seed)
     items = list(items)
-    res = SCORERS[key](items, predictions)
+    res = SCORERS[key](items, predictions, **kwargs)
+    keys = {str(k) for k in predictions}
+    n_predicted = sum(1 for it in items if str(it.question_id) in keys)
     out = {"benchmark": key}
     out.update(res)
+    out["n_items"] = len(items)
+    out["n_predicted"] = n_predicted
+    out["coverage"] = _pct(n_predicted, len(items))
     return out
 
 
@@ -917,7 +1120,12 @@ def format_table(name: str, scores: Mapping[str, Any]) -> str:
     lines = [f"== {name} =="]
     if "main" in scores:
         lines.append(f"main ({scores.get('main_metric')}): {_fmt(scores['main'])}")
-    skip = ("benchmark", "main", "main_metric")
+    if "mode" in scores:
+        lines.append(f"mode: {scores['mode']}")
+    if "n_items" in scores:
+        lines.append(f"coverage: {scores.get('n_predicted')} of {scores['n_items']} items have a prediction "
+                     f"({_fmt(scores.get('coverage', 0.0))}%)")
+    skip = ("benchmark", "main", "main_metric", "mode")
     lines.extend(_kv_lines([(k, v) for k, v in scores.items() if k not in skip and not isinstance(v, Mapping)]))
     for k, v in scores.items():
         if k not in skip and isinstance(v, Mapping):
