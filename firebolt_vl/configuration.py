@@ -45,6 +45,9 @@ class FireboltConfig(PreTrainedConfig):
         view_size (`int`, *optional*): if set, every view is resized to view_size before encoding so all views go
             through the encoder in one batched call; `None` keeps native sizes (global 256 px, tiles 128 px).
         freeze_vision (`bool`, defaults to `True`): the vision tower runs under no_grad and is excluded from training.
+        text_only_bypass (`bool`, defaults to `False`): rows without an image skip the fusion module and feed their raw
+            token embeddings to the decoder, as the authors' release does for text-only prompts (the default of a
+            converted release checkpoint); `False` runs them through the CMM with a zero visual context.
     """
 
     model_type = "firebolt_vl"
@@ -76,6 +79,7 @@ class FireboltConfig(PreTrainedConfig):
     add_global_view: bool = True
     view_size: int | None = None
     freeze_vision: bool = True
+    text_only_bypass: bool = False
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -124,6 +128,10 @@ class FireboltConfig(PreTrainedConfig):
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         # directories saved before the package was renamed say model_type "firebolt": same fields, same weights
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == "fireboltlm":  # the authors' release: another format, to be converted
+            from .release import refusal
+
+            raise ValueError(refusal(pretrained_model_name_or_path))
         if config_dict.get("model_type") in LEGACY_MODEL_TYPES:
             config_dict = {**config_dict, "model_type": cls.model_type}
         return config_dict, kwargs

@@ -60,6 +60,10 @@ def check_model_dir(directory) -> Path:
         model_type = json.loads(config.read_text()).get("model_type")
     except json.JSONDecodeError as e:
         raise ModelDirError(f"{config} is not valid JSON: {e}") from None
+    if model_type == "fireboltlm":  # the authors' release
+        from .release import refusal
+
+        raise ModelDirError(refusal(directory))
     if model_type not in MODEL_TYPES:
         raise ModelDirError(f"{directory} holds a {model_type!r} model, not a Firebolt-VL ('firebolt_vl') model")
     if not any(directory.glob("*.safetensors")):

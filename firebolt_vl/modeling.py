@@ -211,6 +211,8 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
             out, state, weights = self.cmm(text, memory, mask=attention_mask, return_weights=True)
             if self.config.output_mode == "replace":
                 embeds = out
+                if self.config.text_only_bypass:  # the release: rows without an image skip the CMM
+                    embeds = torch.where(has_image.view(-1, 1, 1), out, text)
             else:  # "pooled": one vector, the mean of X_out over the prompt, at the <image> slot
                 m = attention_mask if pool_mask is None else pool_mask
                 m = torch.ones_like(input_ids) if m is None else m
@@ -329,12 +331,16 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         """New tokens (B, t) after the cached prefix: one CMM recurrence + one decoder step each."""
         t = input_ids.shape[1]
         embeds = self.get_input_embeddings()(input_ids)  # (B, t, D)
-        if self.cmm is not None and self.config.output_mode == "replace":
+        bypass = self.config.text_only_bypass and cache.memory is None  # no image in the batch: raw embeddings
+        if self.cmm is not None and self.config.output_mode == "replace" and not bypass:
+            raw = embeds
             if t == 1:
                 out, cache.ssm_state = self.cmm.step(embeds[:, 0], cache.memory, cache.ssm_state)
                 embeds = out.unsqueeze(1)
             else:
                 embeds, cache.ssm_state = self.cmm(embeds, cache.memory, state=cache.ssm_state)
+            if self.config.text_only_bypass:
+                embeds = torch.where(cache.memory.present.view(-1, 1, 1), embeds, raw)
         ones = cache.attention_mask.new_ones(input_ids.shape[0], t)
         cache.attention_mask = torch.cat([cache.attention_mask, ones], dim=1)
         position_ids = cache.positions.unsqueeze(1) + torch.arange(1, t + 1, device=input_ids.device)  # (B, t)

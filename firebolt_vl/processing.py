@@ -113,6 +113,7 @@ class FireboltProcessor:
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         max_prompt_tokens: int | None = None,
         padding_side: str = "left",
+        resample: int = 3,
     ):
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
@@ -122,6 +123,7 @@ class FireboltProcessor:
         self.max_image_pixels = max_image_pixels
         self.max_prompt_tokens = max_prompt_tokens
         self.padding_side = padding_side
+        self.resample = int(resample)  # PIL filter of the resize (3 = BICUBIC, SigLIP's); from the checkpoint
         self.image_token_id = ensure_image_token(tokenizer)
 
     @classmethod
@@ -130,7 +132,8 @@ class FireboltProcessor:
 
     # ---- persistence ----
     def to_dict(self) -> dict:
-        keys = ("image_size", "image_seq_length", "image_mean", "image_std", "max_image_pixels", "max_prompt_tokens", "padding_side")
+        keys = ("image_size", "image_seq_length", "image_mean", "image_std", "max_image_pixels", "max_prompt_tokens", "padding_side",
+                "resample")
         return {"processor_class": type(self).__name__, **{k: getattr(self, k) for k in keys}}
 
     def save_pretrained(self, save_directory) -> None:
@@ -154,7 +157,7 @@ class FireboltProcessor:
     def preprocess_image(self, image) -> torch.Tensor:
         """PIL image / path / bytes -> (3, S, S) float tensor, normalised."""
         image = load_image(image, self.max_image_pixels)
-        image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+        image = image.resize((self.image_size, self.image_size), Image.Resampling(self.resample))
         arr = np.asarray(image, dtype=np.float32) / 255.0  # (S, S, 3)
         arr = (arr - np.array(self.image_mean, dtype=np.float32)) / np.array(self.image_std, dtype=np.float32)
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, S, S)
