@@ -1,4 +1,5 @@
-"""The lmms-eval plugin, driven through a minimal stand-in `lmms_eval` package (lmms-eval itself is not installed)."""
+"""The lmms-eval plugin, driven through a minimal stand-in `lmms_eval` package (the real evaluator runs it in
+test_lmms_eval_real.py)."""
 
 import abc
 import dataclasses
@@ -119,6 +120,8 @@ def direct_generate(lm, doc, max_new_tokens):
 
 def test_module_imports_without_lmms_eval(monkeypatch):
     monkeypatch.setitem(sys.modules, "lmms_eval", None)  # import lmms_eval -> ImportError
+    for name in [n for n in sys.modules if n.startswith("lmms_eval.")]:  # the real one may be imported already
+        monkeypatch.setitem(sys.modules, name, None)
     module = importlib.import_module("firebolt_vl.eval.lmms_plugin")
     module.__dict__.pop("Firebolt", None)
     assert module.FireboltLMMsAdapter.is_simple

@@ -22,7 +22,8 @@ Requests (simple-model interface):
 
 * ``generate_until``: args ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``; the visuals are
   ``doc_to_visual(self.task_dict[task][split][doc_id])``; the context is wrapped in the chat template with the image
-  first (``processor.build_prompt``); ``gen_kwargs``: ``until`` (stop strings: the text is cut at the first one),
+  first (``processor.build_prompt``); ``gen_kwargs``: ``until`` (stop strings: the text is cut at the first one,
+  then stripped, so the texts equal ``firebolt-vl eval``'s),
   ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``do_sample``; others are ignored. Requests are
   grouped by gen_kwargs, batched longest first and answered in the original order.
 * ``loglikelihood``: args ``(context, continuation or doc_to_target, doc_to_visual, doc_id, task, split)``, or
@@ -279,6 +280,7 @@ class FireboltLMMsAdapter:
                     for i, text in zip(rows, self._processor.batch_decode(new)):
                         for stop in opts["until"]:
                             text = text.split(stop, 1)[0]
+                        text = text.strip()  # as `firebolt-vl eval` answers (runner.generate_answers)
                         results[i] = text
                         self.cache_hook.add_partial("generate_until", (args[i][0], args[i][1]), text)
                 bar.update(len(chunk))
