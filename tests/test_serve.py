@@ -357,27 +357,51 @@ def test_engine_batches_mixed_rows(tiny, red_image):
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
+    """Serves the allowed folder; /to/<url> answers 302 to <url> (for the redirect checks)."""
+
+    def do_GET(self):
+        if self.path.startswith("/to/"):
+            self.send_response(302)
+            self.send_header("Location", self.path[len("/to/"):])
+            self.end_headers()
+            return
+        super().do_GET()
+
     def log_message(self, *args):
         pass
 
 
 @pytest.fixture(scope="module")
 def image_host(images):
-    """A loopback HTTP server holding red.png (for the remote-image path)."""
+    """A loopback HTTP server holding red.png, reached by the name images.test through the test resolver."""
     handler = functools.partial(_Quiet, directory=str(images["allowed"]))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield httpd.server_address[1]
     httpd.shutdown()
+
+
+async def test_resolver(host: str, port: int) -> list[str]:
+    """*.test names -> the loopback test host (the system's DNS knows none of them, so a fetch that works went to the
+    address this resolver gave: the connection is pinned to the checked address)."""
+    host = host.rstrip(".")
+    if host == "images.test" or host.endswith(".images.test") or host == "other.test":
+        return ["127.0.0.1"]
+    if host == "rebind.test":
+        return ["127.0.0.1", "10.0.0.7"]  # one allowed and one private address in the same answer
+    raise OSError(f"unknown host {host}")
+
+
+REMOTE_POLICY = dict(media_resolver=test_resolver, allowed_media_networks=("127.0.0.1/32",))
 
 
 @pytest.fixture(scope="module")
 def guarded_server(tiny):
-    """API key, remote images allowed, a queue of 1 and batches of 1 (for 401 and 429)."""
+    """API key, remote images allowed (loopback 127.0.0.1 opened for the test host), a queue of 1 and batches of 1."""
     model, processor = tiny
     config = ServerConfig(model_name="tiny", api_key="sekret", allow_remote_images=True, max_image_bytes=100_000,
-                          max_queue=1, max_batch_size=1, max_tokens_limit=400)
+                          max_queue=1, max_batch_size=1, max_tokens_limit=400, **REMOTE_POLICY)
     srv = start_server(model, processor, config)
     yield srv
     srv.stop()
@@ -399,15 +423,64 @@ def test_remote_images_when_allowed(guarded_server, image_host, tiny, images):
     model, processor = tiny
     expected, _, _ = reference(model, processor, PROMPT, images["red"], max_tokens=6)
     auth = {"Authorization": "Bearer sekret"}
+    base = f"http://images.test:{image_host}"
     with client(guarded_server.url, headers=auth) as c:
-        r = c.post("/v1/chat/completions", json={"messages": user(PROMPT, f"{image_host}/red.png"), "max_tokens": 6,
-                                                  "temperature": 0})
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["message"]["content"] == expected
-        r = c.post("/v1/chat/completions", json={"messages": user(PROMPT, f"{image_host}/missing.png")})
+        def ask(url):
+            return c.post("/v1/chat/completions", json={"messages": user(PROMPT, url), "max_tokens": 6,
+                                                         "temperature": 0})
+
+        for url in (f"{base}/red.png", f"{base}/to/{base}/red.png"):  # direct, and one redirect to an allowed host
+            r = ask(url)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == expected
+        r = ask(f"{base}/missing.png")
         assert r.status_code == 400 and r.json()["error"]["code"] == "image_fetch_failed"
-        r = c.post("/v1/chat/completions", json={"messages": user(PROMPT, "http://127.0.0.1:9/closed.png")})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "image_fetch_failed"
+        assert "<" not in r.json()["error"]["message"]  # the server's error page is not echoed
+        refused = {
+            "http://127.0.0.2:9/x.png": "loopback",  # loopback outside the opened 127.0.0.1/32
+            f"{base}/to/http://127.0.0.2:{image_host}/red.png": "loopback",  # an allowed name redirecting to loopback
+            f"{base}/to/http://169.254.169.254/latest/meta-data/": "link-local",  # cloud metadata
+            f"{base}/to/http://[::1]:{image_host}/red.png": "loopback",
+            "http://rebind.test/red.png": "private",  # a mixed DNS answer is refused as a whole
+            f"{base}/to/file:///etc/passwd": "scheme",
+            f"http://user:pw@images.test:{image_host}/red.png": "credentials",
+        }
+        for url, why in refused.items():
+            r = ask(url)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "image_url_not_allowed", (url, r.text)
+            assert why in r.json()["error"]["message"], (url, r.text)
+        r = ask(f"{base}/to/{base}/to/{base}/to/{base}/to/{base}/red.png")  # 4 redirects
+        assert r.status_code == 400 and "redirects" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("address, why", [
+    ("127.0.0.1", "loopback"), ("10.1.2.3", "private"), ("192.168.0.1", "private"), ("172.16.5.4", "private"),
+    ("169.254.169.254", "link-local"), ("224.0.0.251", "multicast"), ("240.0.0.1", "reserved"),
+    ("0.0.0.0", "unspecified"), ("100.64.0.1", "non-global"), ("::1", "loopback"), ("fe80::1%eth0", "link-local"),
+    ("fc00::1", "private"), ("ff02::1", "multicast"), ("::ffff:127.0.0.1", "loopback"), ("::ffff:10.0.0.1", "private"),
+    ("::", "unspecified"), ("8.8.8.8", None), ("2606:4700:4700::1111", None), ("::ffff:8.8.4.4", None),
+])
+def test_address_refusal(address, why):
+    from firebolt_vl.serve.images import address_refusal
+
+    assert address_refusal(address) == why
+    assert address_refusal(address, ("0.0.0.0/0", "::/0")) is None if ":" not in address or "ffff" in address \
+        else address_refusal(address, ("::/0",)) is None
+
+
+def test_allowed_media_domains(image_host, images):
+    from firebolt_vl.serve.images import ImagePolicy, fetch_remote
+    from firebolt_vl.serve.schema import APIError
+
+    policy = ImagePolicy(allow_remote=True, allowed_domains=("images.test",), allowed_networks=("127.0.0.1/32",),
+                         resolver=test_resolver)
+    red = (images["allowed"] / "red.png").read_bytes()
+    for host in ("images.test", "cdn.images.test", "IMAGES.TEST."):
+        assert asyncio.run(fetch_remote(f"http://{host}:{image_host}/red.png", policy)) == red
+    for url in (f"http://other.test:{image_host}/red.png",
+                f"http://images.test:{image_host}/to/http://other.test:{image_host}/red.png"):
+        with pytest.raises(APIError, match="not one of the server's allowed media domains"):
+            asyncio.run(fetch_remote(url, policy))
 
 
 def test_queue_full_gets_429(guarded_server):

@@ -48,6 +48,9 @@ class ServerConfig:
     api_key: str | None = None
     allowed_dir: str | None = None  # local image paths are accepted only inside this folder
     allow_remote_images: bool = False
+    allowed_media_domains: tuple = ()  # remote image hosts (and their subdomains); empty: any public host
+    allowed_media_networks: tuple = ()  # CIDRs opened for remote images on purpose; otherwise public addresses only
+    media_resolver: object = None  # async (host, port) -> [addresses]; None: the system's DNS (tests inject one)
     max_body_bytes: int = 32 * 2**20
     max_image_bytes: int = 20 * 2**20  # local files and remote downloads
     max_image_pixels: int | None = None  # None: the processor's own limit
@@ -66,7 +69,8 @@ def create_app(model, processor, config: ServerConfig | None = None, engine: Eng
     config = config or ServerConfig()
     engine = engine or Engine(model, processor, config.max_batch_size, config.max_queue, config.batch_wait_ms / 1000)
     policy = ImagePolicy(config.allowed_dir, config.allow_remote_images, config.max_image_bytes,
-                         config.remote_timeout_s)
+                         config.remote_timeout_s, tuple(config.allowed_media_domains),
+                         tuple(config.allowed_media_networks), config.media_resolver)
     max_pixels = config.max_image_pixels if config.max_image_pixels is not None else processor.max_image_pixels
     context_length = int(getattr(model.config.text_config, "max_position_embeddings", 0) or 0)
     created = int(time.time())

@@ -29,7 +29,12 @@ def add_serve_arguments(p) -> None:
                    "(default: the FIREBOLT_API_KEY environment variable, else no key)")
     p.add_argument("--allowed-dir", default=None, help="accept local image paths / file:// URLs inside this folder")
     p.add_argument("--allow-remote-images", action="store_true",
-                   help="fetch http(s) image URLs (size-limited, with a timeout)")
+                   help="fetch http(s) image URLs from public addresses (size-limited, with a timeout; loopback, "
+                        "private, link-local, multicast and reserved addresses are refused after every redirect)")
+    p.add_argument("--allowed-media-domains", default=None,
+                   help="comma-separated hosts remote images may come from (subdomains included); default: any")
+    p.add_argument("--allow-media-network", action="append", default=None, metavar="CIDR",
+                   help="also fetch remote images from this network (e.g. an intranet image store); repeatable")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the engine waits to fill a batch")
@@ -55,6 +60,8 @@ def serve(
     api_key: str | None = None,
     allowed_dir: str | None = None,
     allow_remote_images: bool = False,
+    allowed_media_domains: str | None = None,
+    allow_media_network: list[str] | None = None,
     max_batch_size: int = 8,
     max_queue: int = 64,
     batch_wait_ms: float = 5.0,
@@ -68,6 +75,7 @@ def serve(
     log_level: str = "info",
 ) -> int:
     """Serve the model over an OpenAI-compatible HTTP API until interrupted."""
+    import ipaddress
     import os
 
     import torch
@@ -87,13 +95,23 @@ def serve(
 
     if allowed_dir is not None and not Path(allowed_dir).is_dir():
         raise NotADirectoryError(f"--allowed-dir is not a directory: {allowed_dir}")
+    domains = tuple(d.strip() for d in (allowed_media_domains or "").split(",") if d.strip())
+    networks = tuple(allow_media_network or ())
+    for net in networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ValueError(f"--allow-media-network: not a network (CIDR): {net!r}") from None
+    if (domains or networks) and not allow_remote_images:
+        raise ValueError("--allowed-media-domains / --allow-media-network need --allow-remote-images")
     if not 0 <= port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {port}")
     api_key = api_key or os.environ.get("FIREBOLT_API_KEY") or None
     loaded, processor = _load(model, device, dtype)
     config = ServerConfig(
         model_name=served_model_name or Path(model).resolve().name, api_key=api_key, allowed_dir=allowed_dir,
-        allow_remote_images=allow_remote_images, max_body_bytes=max_body_bytes, max_image_bytes=max_image_bytes,
+        allow_remote_images=allow_remote_images, allowed_media_domains=domains, allowed_media_networks=networks,
+        max_body_bytes=max_body_bytes, max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
         default_max_tokens=default_max_tokens, max_queue=max_queue, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms,
