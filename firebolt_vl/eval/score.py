@@ -7,8 +7,8 @@ Prediction files are read in the forms the official tools, LLaVA and lmms-eval w
   ``prediction`` or ``text``; an optional ``category`` / ``split`` field names the POPE split. A truncated last line
   -- an interrupted run -- is ignored with a warning; a malformed line elsewhere is an error.
 * a JSON array of ``{"question_id", "answer"}`` objects (the VQAv2 / EvalAI result file);
-* a folder of MME ``<subtask>.txt`` files (the eval tool's ``Your_Results``; lines ``image\\tquestion\\tGT\\tresponse``),
-  or one such file;
+* a folder of MME ``<subtask>.txt`` files (the eval tool's ``Your_Results``; lines
+  ``image\\tquestion\\tGT\\tresponse``), or one such file;
 * a ``.tsv`` with ``index`` and ``prediction`` columns (MMBench, VLMEvalKit).
 
 Ids are matched exactly, never by position (see :func:`match_predictions`): ``7`` and ``"7"`` are the same id; an id

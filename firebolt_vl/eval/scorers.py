@@ -259,7 +259,8 @@ def write_vqav2_submission(predictions: Mapping[Any, Any], path, question_ids: O
     does.
 
     ``question_ids``: every id the server expects (the test-dev phase wants the whole test2015 question set); the
-    file then holds exactly those ids, ``""`` where there is no prediction. Returns the number of entries written. Raises ValueError on a non-integer id."""
+    file then holds exactly those ids, ``""`` where there is no prediction. Returns the number of entries written. Raises ValueError on a
+    non-integer id."""
     import json
     import os
     import tempfile
