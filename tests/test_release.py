@@ -50,8 +50,10 @@ def release_s4_kernel(s4, window=512):
     if n == 0:
         c = (c.unsqueeze(-2) @ (eye - torch.linalg.matrix_power(dA, window))).squeeze(-2)
     z = torch.exp(-2j * math.pi * torch.arange(window, dtype=torch.float64) / window)  # (W,)
-    res = torch.linalg.solve(eye - z[:, None, None, None] * dA, dB.unsqueeze(-1).expand(window, *dB.shape, 1))
-    k_hat = (c.unsqueeze(-2) @ res).squeeze(-1).squeeze(-1)  # (W, H)
+    lam, V = torch.linalg.eig(dA)  # dA = V diag(lam) V^-1: the resolvent as a sum over its eigenvalues
+    cv = (c.unsqueeze(-2) @ V).squeeze(-2)  # (H, M)
+    vb = torch.linalg.solve(V, dB.unsqueeze(-1)).squeeze(-1)  # (H, M)
+    k_hat = ((cv * vb)[None] / (1 - z[:, None, None] * lam[None])).sum(-1)  # (W, H): c~ (I - dA z)^-1 dB
     return torch.fft.ifft(k_hat, dim=0).real.T  # (H, W)
 
 
@@ -133,12 +135,24 @@ def release_logits(src: Path, input_ids, pixels):
 
 
 # ------------------------------------------------------------------------------------------- writing a tiny release
+_TOKENIZER = []
+
+
+def _tokenizer():
+    """The tiny tokenizer (trained once per session; a copy per release)."""
+    import copy
+
+    if not _TOKENIZER:
+        _TOKENIZER.append(train_tiny_tokenizer())
+    return copy.deepcopy(_TOKENIZER[0])
+
+
 def write_components(root: Path, seed=0):
     """A tiny LFM2 (+ tokenizer with <image>) and a tiny SigLIP dual encoder at 256 px with its preprocessor config."""
     from transformers import AutoConfig, AutoModelForCausalLM, SiglipConfig, SiglipModel
 
     torch.manual_seed(seed)
-    tok = train_tiny_tokenizer()
+    tok = _tokenizer()
     lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_text_config(len(tok), tokenizer=tok,
                                                                                   initializer_range=0.15)))
     lm.save_pretrained(root / "lfm2")
@@ -401,6 +415,7 @@ def test_error_paths_leave_nothing_at_the_output(releases, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-def test_film_strategy_keeps_one_grid(releases):
-    model, _, _ = convert_release(releases(ssm="s4", l_kernel=512, strategy="film"), verbose=False)
+def test_film_strategy_keeps_one_grid(releases, tmp_path):
+    src = _copy_release(releases(ssm="s4", l_kernel=512), tmp_path / "film", fuse_strategy="film")
+    model, _, _ = convert_release(src, verbose=False)
     assert model.config.cmm_top_k == 1
