@@ -33,6 +33,7 @@ from transformers import (
 )
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -378,6 +379,8 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         ignore_eos: bool = False,
@@ -390,7 +393,9 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
 
         Left-padded batches are supported (the processor pads on the left). With `use_cache=False` every step
         recomputes vision, fusion and the whole prefix (the authors' released decoding), the reference for tests.
-        `ignore_eos=True` always produces max_new_tokens tokens (benchmarks).
+        `ignore_eos=True` always produces max_new_tokens tokens (benchmarks). `repetition_penalty` (CTRL's, as
+        transformers: a seen token's logit is divided by it when positive, multiplied when negative) counts the row's
+        own tokens only, never its left padding, so a batched row still equals the row run alone.
         """
         unknown = set(unused) - {"output_scores", "return_dict_in_generate", "num_beams", "token_type_ids"}
         if unknown:
@@ -414,6 +419,11 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
                 warpers.append(TopKLogitsWarper(top_k))
             if top_p is not None and top_p < 1.0:
                 warpers.append(TopPLogitsWarper(top_p))
+            if min_p:
+                warpers.append(MinPLogitsWarper(min_p))
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        seen = None  # (B, V) bool: tokens of the row so far (prompt without padding, then its own answer)
         eos_t = torch.tensor(eos, device=input_ids.device) if eos and not ignore_eos else None
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         prompt_len = input_ids.shape[1]
@@ -422,7 +432,14 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
             streamer.put(input_ids.cpu())
 
         def choose(logits: torch.Tensor) -> torch.Tensor:
+            nonlocal seen
             logits = logits.float()
+            if repetition_penalty != 1.0:
+                if seen is None:
+                    counts = torch.zeros(logits.shape, dtype=torch.long, device=logits.device)
+                    seen = counts.scatter_add_(1, input_ids, attention_mask.long()) > 0
+                penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+                logits = torch.where(seen, penalised, logits)
             if not do_sample:
                 return logits.argmax(-1)
             probs = warpers(sequences, logits).softmax(-1)
@@ -439,6 +456,8 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
             if eos_t is not None:
                 nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
                 unfinished = unfinished & ~torch.isin(nxt, eos_t)
+            if seen is not None:
+                seen[torch.arange(nxt.shape[0], device=nxt.device), nxt] = True
             sequences = torch.cat([sequences, nxt[:, None]], dim=1)
             if streamer is not None:
                 streamer.put(nxt.cpu())

@@ -221,6 +221,10 @@ BAD = {
     "long_prompt": ({"messages": user(_big_prompt())}, 400, "context_length_exceeded"),
     "max_tokens_over_limit": ({"messages": user("hi"), "max_tokens": 1001}, 400, "max_tokens_too_large"),
     "n_2": ({"messages": user("hi"), "n": 2}, 400, "unsupported_parameter"),
+    "logprobs": ({"messages": user("hi"), "logprobs": True}, 400, "unsupported_parameter"),
+    "top_logprobs": ({"messages": user("hi"), "top_logprobs": 3}, 400, "unsupported_parameter"),
+    "min_p_over_1": ({"messages": user("hi"), "min_p": 1.5}, 422, None),
+    "repetition_penalty_0": ({"messages": user("hi"), "repetition_penalty": 0}, 422, None),
     "wrong_model": ({"model": "gpt-4o", "messages": user("hi")}, 404, "model_not_found"),
     "path_outside": ("OUTSIDE", 400, "image_path_not_allowed"),
     "path_traversal": ("TRAVERSAL", 400, "image_path_not_allowed"),
@@ -382,7 +386,7 @@ def image_host(images):
     httpd.shutdown()
 
 
-async def test_resolver(host: str, port: int) -> list[str]:
+async def fake_resolver(host: str, port: int) -> list[str]:
     """*.test names -> the loopback test host (the system's DNS knows none of them, so a fetch that works went to the
     address this resolver gave: the connection is pinned to the checked address)."""
     host = host.rstrip(".")
@@ -393,7 +397,7 @@ async def test_resolver(host: str, port: int) -> list[str]:
     raise OSError(f"unknown host {host}")
 
 
-REMOTE_POLICY = dict(media_resolver=test_resolver, allowed_media_networks=("127.0.0.1/32",))
+REMOTE_POLICY = dict(media_resolver=fake_resolver, allowed_media_networks=("127.0.0.1/32",))
 
 
 @pytest.fixture(scope="module")
@@ -473,7 +477,7 @@ def test_allowed_media_domains(image_host, images):
     from firebolt_vl.serve.schema import APIError
 
     policy = ImagePolicy(allow_remote=True, allowed_domains=("images.test",), allowed_networks=("127.0.0.1/32",),
-                         resolver=test_resolver)
+                         resolver=fake_resolver)
     red = (images["allowed"] / "red.png").read_bytes()
     for host in ("images.test", "cdn.images.test", "IMAGES.TEST."):
         assert asyncio.run(fetch_remote(f"http://{host}:{image_host}/red.png", policy)) == red
@@ -571,3 +575,132 @@ def test_engine_failure_isolated_to_the_bad_row(tiny, red_image):
     expected, finish, _ = reference(model, processor, PROMPT, red_image, max_tokens=5)
     assert "".join(e.text for e in got["good"] if e.kind == "delta") == expected
     assert got["good"][-1].finish_reason == finish and engine.stats["errors"] == 1
+
+
+# ---- sampling extensions, operators' signals, start-up and shutdown ----
+def test_repetition_penalty_and_min_p(server, tiny, images):
+    """The server's repetition_penalty / min_p answers equal `generate`'s; the penalty counts a row's own tokens only
+    (a left-padded batch row equals the row alone) and follows CTRL's rule on the first step."""
+    model, processor = tiny
+    expected, _, _ = reference(model, processor, PROMPT, images["red"], max_tokens=8)
+    with client(server.url) as c:
+        for extra in ({"repetition_penalty": 1.8}, {"min_p": 0.2, "temperature": 0.9, "seed": 5}):
+            body = {"messages": user(PROMPT, data_url(png_bytes(images["red"]))), "max_tokens": 8, "temperature": 0,
+                    "ignore_eos": True, **extra}
+            r = c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            prompt = processor.build_prompt(PROMPT, with_image=True)
+            enc = processor(prompt, images=images["red"])
+            kw = dict(max_new_tokens=8, ignore_eos=True, repetition_penalty=extra.get("repetition_penalty", 1.0))
+            if "min_p" in extra:
+                kw.update(do_sample=True, temperature=0.9, min_p=0.2, generator=torch.Generator().manual_seed(5))
+            out = model.generate(**enc, **kw)
+            text = processor.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            assert r.json()["choices"][0]["message"]["content"] == text
+    assert expected is not None
+    # CTRL's rule on step one, from the forward's logits
+    enc = processor([processor.build_prompt("red red red circle", with_image=False)])
+    logits = model(**enc).logits[0, -1].float()
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen[enc["input_ids"][0]] = True
+    penalised = torch.where(seen, torch.where(logits > 0, logits / 3.0, logits * 3.0), logits)
+    first = model.generate(**enc, max_new_tokens=1, repetition_penalty=3.0, ignore_eos=True)[0, -1]
+    assert int(first) == int(penalised.argmax())
+    # a left-padded row equals the row alone
+    prompts = [processor.build_prompt("what color", with_image=False),
+               processor.build_prompt("what color is the big red circle on the left side", with_image=False)]
+    batch = processor(prompts)
+    both = model.generate(**batch, max_new_tokens=6, repetition_penalty=1.7, ignore_eos=True)
+    alone = processor([prompts[0]])
+    one = model.generate(**alone, max_new_tokens=6, repetition_penalty=1.7, ignore_eos=True)
+    assert both[0, -6:].tolist() == one[0, -6:].tolist()
+
+
+def _metric_samples(text: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics_endpoint(tiny):
+    model, processor = tiny
+    srv = start_server(model, processor, ServerConfig(model_name="tiny", max_tokens_limit=50))
+    try:
+        with client(srv.url) as c:
+            for n in (3, 5):
+                r = c.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": n, "temperature": 0,
+                                                          "ignore_eos": True})
+                assert r.status_code == 200
+            assert c.post("/v1/chat/completions", json={"messages": []}).status_code == 400
+            r = c.get("/metrics")
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+            m = _metric_samples(r.text)
+    finally:
+        srv.stop()
+    assert m[("firebolt_vl_requests_total", (("status", "200"),))] == 2
+    assert m[("firebolt_vl_requests_total", (("status", "400"),))] == 1
+    assert m[("firebolt_vl_generated_tokens_total", ())] == 8
+    assert m[("firebolt_vl_time_to_first_token_seconds_count", ())] == 2
+    assert m[("firebolt_vl_time_per_output_token_seconds_count", ())] == 6
+    assert m[("firebolt_vl_queue_length", ())] == 0 and m[("firebolt_vl_running_rows", ())] == 0
+    assert m[("firebolt_vl_model_loaded", ())] == 1
+
+
+def test_health_says_starting_until_loaded(tiny):
+    model, processor = tiny
+    release = threading.Event()
+
+    def loader():
+        release.wait(30)
+        return model, processor
+
+    srv = start_server(None, None, ServerConfig(model_name="tiny"), loader=loader)
+    try:
+        with client(srv.url) as c:
+            r = c.get("/health")
+            assert r.status_code == 503 and r.json()["status"] == "starting"
+            r = c.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2})
+            assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+            release.set()
+            deadline = time.monotonic() + 30
+            while c.get("/health").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.get("/health").json()["status"] == "ok"
+            assert c.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2}).status_code == 200
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("grace, finish", [(60.0, "length"), (0.3, None)])
+def test_graceful_shutdown(tiny, grace, finish):
+    """Shutdown: new requests get 503 and /health says so; a running stream finishes within the grace period (all
+    its tokens), or is cancelled with an error event once the grace period is over; then the server exits."""
+    model, processor = tiny
+    srv = start_server(model, processor, ServerConfig(model_name="tiny", max_tokens_limit=2000, shutdown_grace_s=grace))
+    n = 40 if finish else 2000
+    body = {"messages": user("hello"), "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
+    stopper = threading.Thread(target=srv.shutdown, daemon=True)
+    with client(srv.url) as c, client(srv.url) as other:
+        with c.stream("POST", "/v1/chat/completions", json=body) as s:
+            lines = s.iter_lines()
+            next(line for line in lines if '"content": "' in line and '"role"' not in line)  # decoding now
+            stopper.start()
+            deadline = time.monotonic() + 10
+            while not srv.server.draining and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if finish:
+                r = other.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2})
+                assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+                h = other.get("/health")
+                assert h.status_code == 503 and h.json()["status"] == "shutting down"
+            rest = "\n".join(lines)
+    stopper.join(60)
+    assert not srv.thread.is_alive()
+    if finish:
+        assert '"finish_reason": "length"' in rest
+    else:
+        assert "shutting down" in rest and '"finish_reason": "length"' not in rest

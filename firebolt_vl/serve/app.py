@@ -3,7 +3,12 @@
     POST /v1/chat/completions   OpenAI messages (text parts, image_url parts), stream (server-sent events),
                                 max_tokens / max_completion_tokens, temperature, top_p, stop, seed; usage counts
     GET  /v1/models             the one model served;  GET /v1/models/{id}
-    GET  /health                liveness + queue figures (no API key needed; answers while generation runs)
+    GET  /health                "starting" (503) until the model is loaded, "ok", "shutting down" (503); queue
+                                figures (no API key needed; answers while generation runs)
+    GET  /metrics               Prometheus text format (metrics.py), no API key
+
+Shutdown is graceful: `begin_shutdown()` (the first SIGINT/SIGTERM under `firebolt-vl serve`) answers 503 to new
+requests while the running and queued rows finish for up to `shutdown_grace_s`; what is left then is cancelled.
 
 Request path: read the body (byte limit, 413) -> JSON (400) -> schema (422) -> settings and limits (400) -> the image
 bytes (data: URL / allowed local file / optional remote fetch) -> in a worker thread: decode the image (pixel limit)
@@ -28,13 +33,14 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, EngineStoppedError, Event, Job, QueueFullError, SamplingParams
 from .images import ImagePolicy, image_bytes
+from .metrics import ServerMetrics
 from .schema import APIError, ChatCompletionRequest, validation_error
 
 log = logging.getLogger("firebolt_vl.serve")
@@ -61,31 +67,108 @@ class ServerConfig:
     max_batch_size: int = 8
     batch_wait_ms: float = 5.0
     remote_timeout_s: float = 10.0
+    shutdown_grace_s: float = 30.0  # how long running rows may finish after shutdown begins
 
 
-def create_app(model, processor, config: ServerConfig | None = None, engine: Engine | None = None):
-    """The FastAPI app around a loaded model (eval mode) and its processor. The engine thread starts with the app's
-    lifespan and stops with it."""
+class CountRequests:
+    """ASGI middleware counting chat-completion answers by HTTP status (a plain ASGI wrapper: Starlette's
+    BaseHTTPMiddleware would hide a client's disconnect from the endpoint)."""
+
+    def __init__(self, app, counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+            return await self.app(scope, receive, send)
+        status = "500"
+
+        async def send_counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.counter.labels(status=status).inc()
+
+
+class _Served:
+    """What the routes use, filled once the model is loaded (at once, or by the loader in the lifespan)."""
+
+    def __init__(self):
+        self.model = self.processor = self.engine = None
+        self.max_pixels: int | None = None
+        self.context_length = 0
+        self.load_error: BaseException | None = None
+        self.shutting_down = False
+
+    def bind(self, model, processor, config: "ServerConfig", engine: Engine | None) -> None:
+        self.model, self.processor = model, processor
+        self.max_pixels = config.max_image_pixels if config.max_image_pixels is not None else processor.max_image_pixels
+        self.context_length = int(getattr(model.config.text_config, "max_position_embeddings", 0) or 0)
+        self.engine = engine or Engine(model, processor, config.max_batch_size, config.max_queue,
+                                       config.batch_wait_ms / 1000)
+
+
+def create_app(model=None, processor=None, config: ServerConfig | None = None, engine: Engine | None = None,
+               loader=None):
+    """The FastAPI app around a loaded model (eval mode) and its processor, or around `loader()` -> (model,
+    processor), called in a worker thread once the server listens (so /health can say "starting"). The engine thread
+    starts with the app's lifespan and stops with it."""
+    if (model is None) == (loader is None):
+        raise ValueError("give either model and processor, or a loader")
     config = config or ServerConfig()
-    engine = engine or Engine(model, processor, config.max_batch_size, config.max_queue, config.batch_wait_ms / 1000)
     policy = ImagePolicy(config.allowed_dir, config.allow_remote_images, config.max_image_bytes,
                          config.remote_timeout_s, tuple(config.allowed_media_domains),
                          tuple(config.allowed_media_networks), config.media_resolver)
-    max_pixels = config.max_image_pixels if config.max_image_pixels is not None else processor.max_image_pixels
-    context_length = int(getattr(model.config.text_config, "max_position_embeddings", 0) or 0)
     created = int(time.time())
+    served = _Served()
+    metrics = ServerMetrics()
+
+    def ready(model, processor) -> None:
+        served.bind(model, processor, config, engine)
+        metrics.watch(served.engine)
+        served.engine.start()
+        metrics.loaded.set(1)
+
+    async def load_in_background() -> None:
+        try:
+            ready(*await run_in_threadpool(loader))
+        except Exception as e:  # the server stays up and says why on /health
+            log.exception("loading the model failed")
+            served.load_error = e
 
     @asynccontextmanager
     async def lifespan(app):
-        engine.start()
+        task = None
+        if loader is None:
+            ready(model, processor)
+        else:
+            task = asyncio.ensure_future(load_in_background())
         try:
             yield
         finally:
-            await run_in_threadpool(engine.stop)
+            if task is not None:
+                task.cancel()
+            metrics.loaded.set(0)
+            if served.engine is not None:
+                await run_in_threadpool(served.engine.stop)
+
+    def begin_shutdown() -> None:
+        """New requests get 503 from now on; running rows go on (see `ServerThread.stop` / `firebolt-vl serve`)."""
+        served.shutting_down = True
+        if served.engine is not None:
+            served.engine.drain(0)
 
     app = FastAPI(title="Firebolt-VL", version="0.1.0", lifespan=lifespan)
-    app.state.engine = engine
+    app.state.served = served
     app.state.config = config
+    app.state.metrics = metrics
+    app.state.begin_shutdown = begin_shutdown
+
+    app.add_middleware(CountRequests, counter=metrics.requests)
 
     # ---- errors: always OpenAI's shape ----
     @app.exception_handler(APIError)
@@ -124,17 +207,33 @@ def create_app(model, processor, config: ServerConfig | None = None, engine: Eng
         if not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
             raise APIError(401, "incorrect API key", "authentication_error", code="invalid_api_key")
 
+    def engine_or_503() -> Engine:
+        if served.shutting_down:
+            raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+        if served.engine is None:
+            why = f"the model failed to load: {served.load_error}" if served.load_error else "the model is loading"
+            raise APIError(503, why, "server_error", code="unavailable")
+        return served.engine
+
     # ---- routes ----
     @app.get("/health")
     async def health():
-        ok = engine.alive
-        body = {"status": "ok" if ok else "error", "model": config.model_name, "queue": engine.queue_length(),
+        engine = served.engine
+        if engine is None:
+            status = "error" if served.load_error else "starting"
+            return JSONResponse({"status": status, "model": config.model_name}, status_code=503)
+        status = "shutting down" if served.shutting_down else ("ok" if engine.alive else "error")
+        body = {"status": status, "model": config.model_name, "queue": engine.queue_length(),
                 "running": engine.running, **{k: v for k, v in engine.stats.items()}}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     def model_card() -> dict:
-        return {"id": config.model_name, "object": "model", "created": created, "owned_by": "firebolt",
-                "max_model_len": context_length or None}
+        return {"id": config.model_name, "object": "model", "created": created, "owned_by": "firebolt-vl",
+                "max_model_len": served.context_length or None}
 
     @app.get("/v1/models")
     async def list_models(request: Request):
@@ -152,6 +251,8 @@ def create_app(model, processor, config: ServerConfig | None = None, engine: Eng
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_auth(request)
+        engine = engine_or_503()
+        processor = served.processor
         raw = await read_body(request, config.max_body_bytes)
         try:
             payload = json.loads(raw)
@@ -173,14 +274,14 @@ def create_app(model, processor, config: ServerConfig | None = None, engine: Eng
         if len(text) > 64 * config.max_prompt_tokens:  # cheap guard before tokenizing a huge prompt
             raise APIError(400, f"the prompt is far over the limit of {config.max_prompt_tokens} tokens",
                            param="messages", code="context_length_exceeded")
-        input_ids, pixel_values = await run_in_threadpool(prepare_inputs, processor, text, data, max_pixels)
+        input_ids, pixel_values = await run_in_threadpool(prepare_inputs, processor, text, data, served.max_pixels)
         n_prompt = len(input_ids)
         if n_prompt > config.max_prompt_tokens:
             raise APIError(400, f"the prompt has {n_prompt} tokens, over the limit of {config.max_prompt_tokens}",
                            param="messages", code="context_length_exceeded")
-        if context_length and n_prompt + params.max_tokens > context_length:
+        if served.context_length and n_prompt + params.max_tokens > served.context_length:
             raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                                f"context of {context_length} tokens", param="max_tokens",
+                                f"context of {served.context_length} tokens", param="max_tokens",
                            code="context_length_exceeded")
 
         loop = asyncio.get_running_loop()
@@ -195,7 +296,8 @@ def create_app(model, processor, config: ServerConfig | None = None, engine: Eng
         except QueueFullError as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
         except EngineStoppedError as e:
-            raise APIError(503, str(e), "server_error", code="unavailable") from None
+            code = "shutting_down" if served.shutting_down or engine.draining else "unavailable"
+            raise APIError(503, str(e), "server_error", code=code) from None
 
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         stamp = int(time.time())
@@ -270,8 +372,9 @@ def sampling_params(req: ChatCompletionRequest, config: ServerConfig) -> Samplin
     """Settings of the request, checked against what the model and the limits allow (400 otherwise)."""
     if req.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
-    if req.logprobs:
-        raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
+    if req.logprobs or req.top_logprobs is not None:
+        param = "logprobs" if req.logprobs else "top_logprobs"
+        raise APIError(400, "logprobs / top_logprobs are not supported", param=param, code="unsupported_parameter")
     if req.tools:
         raise APIError(400, "tools are not supported by this model", param="tools", code="unsupported_parameter")
     max_tokens = req.max_completion_tokens or req.max_tokens or min(config.default_max_tokens, config.max_tokens_limit)
@@ -287,6 +390,8 @@ def sampling_params(req: ChatCompletionRequest, config: ServerConfig) -> Samplin
         max_tokens=int(max_tokens),
         temperature=1.0 if req.temperature is None else float(req.temperature),
         top_p=1.0 if req.top_p is None else float(req.top_p),
+        min_p=0.0 if req.min_p is None else float(req.min_p),
+        repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
         seed=req.seed,
         stop=tuple(stop),
         ignore_eos=req.ignore_eos,
@@ -392,21 +497,48 @@ async def sse_stream(job: Job, events: asyncio.Queue, completion_id: str, stamp:
 
 
 # ---- running ----
+class GracefulServer:
+    """uvicorn's Server with a graceful first signal: the app answers 503 to new requests while its running rows finish
+    (up to `shutdown_grace_s`), then the server exits; a second signal exits at once."""
+
+    def __new__(cls, app, **uvicorn_config):
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            draining = False
+
+            def handle_exit(self, sig, frame):
+                if self.draining:
+                    return super().handle_exit(sig, frame)
+                self.begin_drain()
+
+            def begin_drain(self):
+                self.draining = True
+                app.state.begin_shutdown()
+                threading.Thread(target=self._exit_when_idle, daemon=True, name="firebolt-vl-drain").start()
+
+            def _exit_when_idle(self):
+                engine = app.state.served.engine
+                if engine is not None:
+                    engine.drain(app.state.config.shutdown_grace_s)
+                    engine.stop()  # what is still running now gets an error event, so its stream closes
+                self.should_exit = True
+
+        return _Server(uvicorn.Config(app, **uvicorn_config))
+
+
 class ServerThread:
     """uvicorn serving `app` from a background thread on an already bound socket (port 0 = a free port).
     Used by the tests and the load test; `firebolt-vl serve` runs uvicorn in the foreground instead."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
-                                                    timeout_keep_alive=30))
+        self.server = GracefulServer(app, log_level=log_level, timeout_graceful_shutdown=5, timeout_keep_alive=30)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
-                                       name="firebolt-uvicorn")
+                                       name="firebolt-vl-uvicorn")
 
     @property
     def url(self) -> str:
@@ -422,6 +554,12 @@ class ServerThread:
             time.sleep(0.02)
         return self
 
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Graceful: as the first SIGTERM under `firebolt-vl serve` (503 to new requests, running rows finish)."""
+        self.server.begin_drain()
+        self.thread.join(timeout)
+        self.sock.close()
+
     def stop(self, timeout: float = 30.0) -> None:
         self.server.should_exit = True
         self.thread.join(timeout)
@@ -435,6 +573,6 @@ class ServerThread:
 
 
 def start_server(model, processor, config: ServerConfig | None = None, host: str = "127.0.0.1", port: int = 0,
-                 log_level: str = "warning") -> ServerThread:
-    """Serve in a background thread; returns the started ServerThread (`.url`, `.stop()`)."""
-    return ServerThread(create_app(model, processor, config), host, port, log_level).start()
+                 log_level: str = "warning", loader=None) -> ServerThread:
+    """Serve in a background thread; returns the started ServerThread (`.url`, `.stop()`, `.shutdown()`)."""
+    return ServerThread(create_app(model, processor, config, loader=loader), host, port, log_level).start()

@@ -47,6 +47,8 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the model on a CPU device (default: one fewer than the cores, so the "
                         "HTTP side keeps a core: on 2 cores, 1 thread served ~10x more requests/s than 2)")
+    p.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM, answer 503 to new requests and let running ones finish for this long")
     p.add_argument("--log-level", default="info")
 
 
@@ -72,6 +74,7 @@ def serve(
     max_tokens_limit: int = 2048,
     default_max_tokens: int = 256,
     threads: int | None = None,
+    shutdown_grace_s: float = 30.0,
     log_level: str = "info",
 ) -> int:
     """Serve the model over an OpenAI-compatible HTTP API until interrupted."""
@@ -79,9 +82,8 @@ def serve(
     import os
 
     import torch
-    import uvicorn
 
-    from .app import ServerConfig, create_app
+    from .app import GracefulServer, ServerConfig, create_app
 
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
@@ -107,20 +109,23 @@ def serve(
     if not 0 <= port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {port}")
     api_key = api_key or os.environ.get("FIREBOLT_API_KEY") or None
-    loaded, processor = _load(model, device, dtype)
     config = ServerConfig(
         model_name=served_model_name or Path(model).resolve().name, api_key=api_key, allowed_dir=allowed_dir,
         allow_remote_images=allow_remote_images, allowed_media_domains=domains, allowed_media_networks=networks,
         max_body_bytes=max_body_bytes, max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
         default_max_tokens=default_max_tokens, max_queue=max_queue, max_batch_size=max_batch_size,
-        batch_wait_ms=batch_wait_ms,
+        batch_wait_ms=batch_wait_ms, shutdown_grace_s=shutdown_grace_s,
     )
-    app = create_app(loaded, processor, config)
+    from ..hub import check_model_dir
+
+    check_model_dir(model)  # a missing or wrong directory fails now, with one line, not after the server started
+    app = create_app(config=config, loader=lambda: _load(model, device, dtype))
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: listening on {host} without an API key", file=sys.stderr)
-    print(f"serving {config.model_name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    print(f"serving {config.model_name!r} at http://{host}:{port}/v1 once loaded (/health says when; Ctrl-C drains "
+          f"running requests for up to {shutdown_grace_s:g} s, twice to stop at once)", file=sys.stderr, flush=True)
+    GracefulServer(app, host=host, port=port, log_level=log_level).run()
     return 0
 
 

@@ -9,9 +9,10 @@ same *batch key*, up to `max_batch_size`, and runs them as one left-padded `mode
 an image mix freely: the model fills image memory per row).
 
 Batch keys, and why:
-    greedy (temperature 0)        -> one key for all: greedy rows are independent, so a batched greedy row equals the
-                                     same request run alone (the model's left padding is exact).
-    sampled, no seed              -> (temperature, top_p): same warpers, one shared generator seeded at random.
+    greedy (temperature 0)        -> one key per repetition_penalty: greedy rows are independent, so a batched greedy
+                                     row equals the same request run alone (the model's left padding is exact).
+    sampled, no seed              -> (temperature, top_p, min_p, repetition_penalty): same warpers, one shared
+                                     generator seeded at random.
     sampled with a seed           -> a key of its own: the request runs alone with
                                      `torch.Generator().manual_seed(seed)`, exactly the draws that
                                      `model.generate(..., generator=...)` makes for that prompt, so the server's
@@ -61,6 +62,8 @@ class SamplingParams:
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -71,10 +74,11 @@ class SamplingParams:
 
     def batch_key(self, job_id: int) -> tuple:
         if self.greedy:
-            return ("greedy",)
+            return ("greedy", float(self.repetition_penalty))
         if self.seed is not None:
             return ("seeded", job_id)
-        return ("sample", float(self.temperature), float(self.top_p))
+        return ("sample", float(self.temperature), float(self.top_p), float(self.min_p),
+                float(self.repetition_penalty))
 
 
 @dataclass
@@ -102,6 +106,7 @@ class Job:
     sink: Callable[[Event], None]
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
+    submitted_at: float = 0.0  # time.monotonic() when queued (time to first token counts from here)
     emitted: bool = False  # has any text left for the client (then a failed batch cannot retry it)
     finished: bool = False
 
@@ -170,12 +175,14 @@ class IncrementalText:
 
 
 class _Row:
-    def __init__(self, job: Job, tokenizer, eos: set[int]):
+    def __init__(self, job: Job, tokenizer, eos: set[int], timing: "TokenTiming | None" = None):
         self.job = job
         self.text = IncrementalText(tokenizer, job.params.stop)
         self.eos = set() if job.params.ignore_eos else eos
         self.n = 0
         self.done = False
+        self.timing = timing
+        self.last = job.submitted_at
 
     def finish(self, reason: str) -> None:
         rest = self.text.flush()
@@ -192,6 +199,10 @@ class _Row:
             self.done = True
             return
         self.n += 1
+        if self.timing is not None:
+            now = time.monotonic()
+            (self.timing.first_token if self.n == 1 else self.timing.next_token)(now - self.last)
+            self.last = now
         if token in self.eos:
             self.finish("stop")
             return
@@ -202,6 +213,15 @@ class _Row:
             self.finish("stop")
         elif self.n >= self.job.params.max_tokens:
             self.finish("length")
+
+
+@dataclass
+class TokenTiming:
+    """Where the engine reports latencies (seconds): first_token(time from queueing to a row's first token) and
+    next_token(time between two tokens of a row). The server's metrics plug in here."""
+
+    first_token: Callable[[float], None]
+    next_token: Callable[[float], None]
 
 
 class _BatchStreamer:
@@ -245,6 +265,8 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._draining = False
+        self.timing: TokenTiming | None = None
         self.running = 0  # rows in the batch being decoded now
         self._current: list[Job] = []
         self.stats = {"requests": 0, "batches": 0, "rows": 0, "tokens": 0, "errors": 0, "rejected": 0}
@@ -270,6 +292,23 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def drain(self, timeout: float) -> bool:
+        """Refuse new jobs (EngineStoppedError) and wait up to `timeout` s for the queued and running ones to finish;
+        True if they all did. `stop()` afterwards fails whatever is left."""
+        with self._cond:
+            self._draining = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._cond:
+                if not self._pending and not self._current:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
@@ -285,9 +324,12 @@ class Engine:
         with self._cond:
             if not self.alive:
                 raise EngineStoppedError("the engine is not running")
+            if self._draining:
+                raise EngineStoppedError("the server is shutting down")
             if len(self._pending) >= self.max_queue:
                 self.stats["rejected"] += 1
                 raise QueueFullError(f"the server is busy: {len(self._pending)} requests are already waiting")
+            job.submitted_at = time.monotonic()
             self._pending.append(job)
             self.stats["requests"] += 1
             self._cond.notify()
@@ -357,7 +399,7 @@ class Engine:
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        rows = [_Row(j, self.tokenizer, self.eos_ids) for j in batch]
+        rows = [_Row(j, self.tokenizer, self.eos_ids, self.timing) for j in batch]
         self.stats["batches"] += 1
         self.stats["rows"] += B
         try:
@@ -369,6 +411,8 @@ class Engine:
                 do_sample=not params.greedy,
                 temperature=params.temperature if not params.greedy else 1.0,
                 top_p=params.top_p,
+                min_p=params.min_p or None,
+                repetition_penalty=params.repetition_penalty,
                 ignore_eos=True,  # each row stops on its own (EOS / stop / max_tokens), see _Row
                 generator=generator,
                 streamer=_BatchStreamer(rows),

@@ -2,7 +2,8 @@
 
 Types are checked strictly (a string is not a number, `true` is not an integer); fields this server does not use
 (`user`, `frequency_penalty`, `metadata`, ...) are ignored, as other OpenAI-compatible servers do. What the model cannot
-do (n > 1, logprobs, tools) is refused with a 400 that says so.
+do (n > 1, logprobs / top_logprobs, tools) is refused with a 400 that says so. Extensions as vLLM and llama.cpp's
+server have them: `min_p`, `repetition_penalty` (the release's recommended decoding uses 1.05), `ignore_eos`.
 
 Error body, whatever the status: {"error": {"message": str, "type": str, "param": str | None, "code": str | None}}.
     400 invalid_request_error   bad JSON, bad values, unusable images, prompt too long, refused image sources
@@ -72,12 +73,15 @@ class ChatCompletionRequest(_Strict):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)  # extension (as vLLM / llama.cpp)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)  # extension (as vLLM / llama.cpp)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: list | None = None
     ignore_eos: bool = False  # extension (as vLLM): always produce max_tokens tokens
 
