@@ -9,11 +9,16 @@ from firebolt_vl.ssm import mamba as mamba_mod
 from firebolt_vl.ssm.mamba import selective_scan_chunked, selective_scan_ref
 
 KINDS = ["s4", "s4d", "mamba"]
+LAYERS = KINDS + ["s4w"]  # s4w: the S4 with its kernel cut at WINDOW taps (the authors' release, at W = 512)
 D_MODEL = 16
+WINDOW = 8
 
 
 def make(kind, seed=0, **kw):
     torch.manual_seed(seed)
+    if kind == "s4w":
+        kind = "s4"
+        kw.setdefault("window", WINDOW)
     kw.setdefault("d_state", 8 if kind == "mamba" else 16)
     return build_ssm(kind, D_MODEL, **kw)
 
@@ -35,7 +40,7 @@ def run_steps(m, x, state):
     return torch.stack(ys, dim=1), state
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LAYERS)
 def test_interface_and_state_layout(kind):
     m = make(kind)
     assert isinstance(m, SSMBase)
@@ -47,7 +52,7 @@ def test_interface_and_state_layout(kind):
     assert [t.shape for t in new_state] == [t.shape for t in state]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LAYERS)
 def test_step_matches_forward(kind):
     m = make(kind).eval()
     x = torch.randn(2, 64, D_MODEL)
@@ -58,7 +63,7 @@ def test_step_matches_forward(kind):
     assert state_diff(state, state_s) <= 1e-4
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LAYERS)
 def test_prefix_state_then_continue(kind):
     m = make(kind).eval()
     x = torch.randn(2, 50, D_MODEL)
@@ -79,7 +84,7 @@ def test_prefix_state_then_continue(kind):
     assert state_diff(s2_fwd, s_full) <= 1e-4
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LAYERS)
 @pytest.mark.parametrize("with_state", [False, True])
 def test_left_padding(kind, with_state):
     m = make(kind).eval()
@@ -106,7 +111,7 @@ def test_left_padding(kind, with_state):
     assert maxdiff(yb, yp) == 0 and state_diff(sb, sp) == 0
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LAYERS)
 def test_pure_left_padding_then_steps(kind):
     """Left-padded prefill (the decoding setup), then recurrent steps, equals the unpadded rows."""
     m = make(kind).eval()
@@ -123,7 +128,7 @@ def test_pure_left_padding_then_steps(kind):
             assert maxdiff(ys[b], y_ref[0, n:]) <= 1e-4
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LAYERS)
 def test_general_mask_skips_positions(kind):
     """Masked positions anywhere (not only on the left) are skipped: same as removing them."""
     m = make(kind).eval()
@@ -137,7 +142,7 @@ def test_general_mask_skips_positions(kind):
     assert state_diff(s, s_ref) <= 1e-5
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LAYERS)
 def test_causality(kind):
     m = make(kind).eval()
     x = torch.randn(2, 24, D_MODEL)
@@ -151,7 +156,7 @@ def test_causality(kind):
             assert maxdiff(y2[:, t + 1:], y[:, t + 1:]) > 1e-3
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LAYERS)
 def test_state_rows_can_be_reordered(kind):
     m = make(kind).eval()
     x = torch.randn(3, 10, D_MODEL)
@@ -164,7 +169,7 @@ def test_state_rows_can_be_reordered(kind):
     assert maxdiff(y, y_ref[:, 6:]) <= 1e-4
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LAYERS)
 def test_gradients_reach_every_parameter(kind):
     m = make(kind).train()
     x = torch.randn(2, 16, D_MODEL)
@@ -181,11 +186,12 @@ def test_gradients_reach_every_parameter(kind):
         assert p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LAYERS)
 def test_optimizer_tags_and_low_precision(kind):
     m = make(kind, lr=1e-3).eval()
     tagged = {n: p for n, p in m.named_parameters() if hasattr(p, "_optim")}
     expected = {"s4": {"log_dt", "inv_A_real", "A_imag", "P", "B", "D"},
+                "s4w": {"log_dt", "inv_A_real", "A_imag", "P", "B", "D"},
                 "s4d": {"log_dt", "log_A_real", "A_imag", "D"},
                 "mamba": {"A_log", "D"}}[kind]
     assert set(tagged) == expected
@@ -282,6 +288,84 @@ def test_s4_kernel_truncation_consistent():
         k_rec = recurrent_kernel(dA, dB, torch.view_as_complex(m.C), 128)
     assert maxdiff(k1, k2[:, :37]) <= 1e-5
     assert maxdiff(k2.double(), k_rec) <= 1e-5
+
+
+def windowed_reference(m, x, W):
+    """Float64 reference of the windowed S4 pre-activation: direct convolution of x (B, L, H) with the kernel
+    K_k = 2 Re(C dA^k dB), k < W, dA/dB made from the parameters by a dense float64 solve (release.dense_bilinear)."""
+    from firebolt_vl.release import dense_bilinear
+
+    cx = lambda t: torch.view_as_complex(t.detach().double().contiguous())  # noqa: E731
+    dt = torch.exp(m.log_dt.detach().double())
+    lam = torch.complex(-torch.exp(m.inv_A_real.detach().double()), m.A_imag.detach().double())
+    dA, v = dense_bilinear(dt, lam, cx(m.P), cx(m.B))
+    C, ks = cx(m.C), []
+    for _ in range(W):
+        ks.append(2 * (C * v).sum(-1).real)
+        v = torch.einsum("hnm,hm->hn", dA, v)
+    K = torch.stack(ks, -1)  # (H, W)
+    u, L = x.double(), x.shape[1]
+    y = m.D.detach().double() * u
+    for k in range(min(W, L)):
+        y[:, k:] += K[:, k] * u[:, : L - k]
+    return y
+
+
+@pytest.mark.parametrize("W", [16, 5])
+def test_s4_window_parallel_recurrent_and_float64_reference(W):
+    """The windowed S4 (kernel cut at W taps) on sequences longer than W: the parallel form (FFT convolution), the
+    scan, token-by-token `step` and prefill-then-continue all equal a float64 direct convolution with the W-tap
+    kernel; the untruncated layer with the same weights does not."""
+    torch.manual_seed(W)
+    m = build_ssm("s4", D_MODEL, d_state=16, window=W, dt_min=0.01, dt_max=0.3).eval()  # slow modes: a long tail
+    B, L = 2, 4 * W + 3
+    x = torch.randn(B, L, D_MODEL)
+    with torch.no_grad():
+        want = m._output(windowed_reference(m, x, W).float())
+        assert maxdiff(m.kernel(L)[:, W:], torch.zeros(1)) == 0  # taps >= W are zero
+        y_scan, s_scan = m(x)
+        m.scan_max_tokens = 0  # force the parallel (kernel) form
+        y_par, s_par = m(x)
+        ys, s_step = run_steps(m, x, m.init_state(B))
+        p = W + 3  # prefill past the window, continue in parallel, then token by token
+        _, s1 = m(x[:, :p])
+        y2, s2 = m(x[:, p:p + 2 * W], state=s1)
+        y3, s3 = run_steps(m, x[:, p + 2 * W:], s2)
+        y_short, _ = m(x[:, : W - 2])  # shorter than the window, no state
+        exact = build_ssm("s4", D_MODEL, d_state=16, dt_min=0.01, dt_max=0.3).eval()
+        exact.load_state_dict(m.state_dict())
+        y_exact, _ = exact(x)
+    for got in (y_scan, y_par, ys, torch.cat([y_par[:, :p], y2, y3], 1)):
+        assert maxdiff(got, want) <= 1e-5
+    assert maxdiff(y_short, want[:, : W - 2]) <= 1e-5
+    assert state_diff(s_scan, s_par) <= 1e-5 and state_diff(s_step, s_par) <= 1e-5 and state_diff(s3, s_par) <= 1e-5
+    assert torch.equal(s_par[1], x[:, -W:].transpose(1, 2))  # the buffer: the last W inputs, oldest first
+    assert maxdiff(y_exact[:, :W], want[:, :W]) <= 1e-5 and maxdiff(y_exact[:, W:], want[:, W:]) > 1e-3
+
+
+def test_s4_window_padding_with_history():
+    """Left padding and a carried history in the windowed parallel and scan forms: each row as if alone."""
+    m = make("s4w").eval()
+    x, hist = torch.randn(2, 3 * WINDOW, D_MODEL), torch.randn(2, WINDOW + 3, D_MODEL)
+    xp, mask = 10 * torch.randn(2, 3 * WINDOW + 5, D_MODEL), torch.zeros(2, 3 * WINDOW + 5, dtype=torch.bool)
+    xp[0, 5:], mask[0, 5:] = x[0], True
+    xp[1, :-5], mask[1, :-5] = x[1], True  # right padding: a general mask
+    with torch.no_grad():
+        for scan in (256, 0):
+            m.scan_max_tokens = scan
+            _, s0 = m(hist)
+            y, s = m(x, state=s0)
+            yp, sp = m(xp, mask=mask, state=s0)
+            assert maxdiff(yp[0, 5:], y[0]) <= 1e-5 and maxdiff(yp[1, :-5], y[1]) <= 1e-5
+            assert state_diff(sp, s) <= 1e-5
+            want = m._output(windowed_reference(m, torch.cat([hist, x], 1), WINDOW).float())[:, hist.shape[1]:]
+            assert maxdiff(y, want) <= 1e-5
+
+
+def test_s4_window_argument_checked():
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window"):
+            build_ssm("s4", D_MODEL, window=bad)
 
 
 def test_s4_hippo_init_stable():

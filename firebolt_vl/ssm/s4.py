@@ -37,6 +37,14 @@ Resolvent. With z on the unit circle, t = (1 + z) / 2 and u = (1 - z) / dt, one 
     (D' + t P P^*)^-1 v = v / D' - t (P / D') (P^* (v / D')) / (1 + t P^* (P / D')).
 The inner products sum_n a_n b_n / D'_n are the Cauchy kernels of the paper.
 
+Window (optional, `window=W`): the kernel cut at W taps, K_k = 0 for k >= W, as the authors' release computes it
+(its S4Block(l_max=512) convolves with a 512-tap kernel, so output t sees inputs t-W+1..t only). The recurrence keeps
+O(1) work per token with the windowed state w_t = sum_{s=t-W+1..t} dA^(t-s) dB u_s, which obeys
+    w_t = dA w_t-1 + dB u_t - dA^W dB u_t-W,    y_t = 2 Re(C w_t) + D u_t,
+(w_t = x_t - dA^W x_t-W with x the untruncated state), fed from a buffer of the last W inputs. The parallel form
+convolves with the W-tap kernel (the generating function at length W: C~_W = C (I - dA^W)), the buffer prepended.
+dA^W dB is formed once in float64 by W applications of the factored dA (see `_window_dB`).
+
 Block (as the state-spaces S4Block): y = GELU(K * u + D u) -> dropout -> Linear(H, 2H) -> GLU.
 
 Note: like the state-spaces implementation, the layer keeps one mode of each conjugate pair and reads out
@@ -97,17 +105,24 @@ class S4Block(SSMBase):
             they get `_optim = {"weight_decay": 0.0[, "lr": lr]}`; lr = 0.0 freezes them (buffers).
         l_max: accepted for compatibility with the state-spaces signature; unused, since the kernel is
             computed for the exact length of every call (C is learnt, C~_L derived per call).
+        window: None (default) = the exact, untruncated recurrence; an int W = the kernel cut at W taps (output t
+            sees the last W inputs only), the authors' release at W = 512; see the module docstring.
 
-    State: a 1-tuple `(x,)`, x (B, H, N2, 2) fp32 = the complex state as a real view.
+    State: a 1-tuple `(x,)`, x (B, H, N2, 2) fp32 = the complex state as a real view. With a window: `(w, u_last)`,
+    w (B, H, N2, 2) the windowed state, u_last (B, H, W) the last W inputs, oldest first (zeros before the start).
     """
 
     def __init__(self, d_model: int, d_state: int = 64, dt_min: float = 0.001, dt_max: float = 0.1,
-                 dropout: float = 0.0, lr: Optional[float] = None, l_max: Optional[int] = None):
+                 dropout: float = 0.0, lr: Optional[float] = None, l_max: Optional[int] = None,
+                 window: Optional[int] = None):
         super().__init__()
         if d_state < 2 or d_state % 2:
             raise ValueError(f"d_state must be an even number >= 2, got {d_state}")
+        if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
+            raise ValueError(f"window must be None or a positive int, got {window!r}")
         H, N2 = d_model, d_state // 2
         self.d_model, self.d_state, self.n_modes, self.l_max = d_model, d_state, N2, l_max
+        self.window = None if window is None else int(window)
 
         Lam, P, B = hippo_legs_nplr(d_state)  # (N2,) each, complex128
         log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)  # (H,)
@@ -126,6 +141,7 @@ class S4Block(SSMBase):
         self.output_linear = nn.Linear(H, 2 * H)
         self.glu = nn.GLU(dim=-1)
         self._step_cache = None  # (key, step params) reused by `step` while the parameters do not change
+        self._window_cache = None  # (key, dA^W dB) likewise, windowed mode only
 
     # ------------------------------------------------------------------ SSM parameters (fp32)
     def _ssm(self):
@@ -213,9 +229,12 @@ class S4Block(SSMBase):
                     R=R, k01=k01, k10=k10, den=den, K=K)
 
     def kernel(self, L: int) -> torch.Tensor:
-        """Convolution kernel K (H, L) fp32, K_k = 2 Re(C dA^k dB), from the generating function."""
+        """Convolution kernel K (H, L) fp32, K_k = 2 Re(C dA^k dB), from the generating function (K_k = 0 for
+        k >= window in windowed mode)."""
         with no_autocast(self.C.device.type):
-            return self._frequency_terms(L)["K"]
+            if self.window is None or L <= self.window:
+                return self._frequency_terms(L)["K"]
+            return nn.functional.pad(self._frequency_terms(self.window)["K"], (0, L - self.window))
 
     # ------------------------------------------------------------------ parallel form
     # At inference, running the recurrence (dA in factored form, O(H N) per position) is cheaper than building the
@@ -232,6 +251,8 @@ class S4Block(SSMBase):
     def _scan(self, x: torch.Tensor, n_pad: Optional[torch.Tensor], state: Optional[State]):
         """Recurrent form over a left-aligned sequence: x_k = dA x_k-1 + dB u_k from `state` (zeros if None), row b
         starting at position n_pad[b]; the maths of `step`, with the output layer applied once."""
+        if self.window is not None:
+            return self._scan_windowed(x, n_pad, state)
         Bsz, L, H = x.shape
         state_dtype = self._state_dtype(state)
         with no_autocast(x.device.type):
@@ -255,6 +276,8 @@ class S4Block(SSMBase):
         Bsz, L, H = x.shape
         if self._use_scan(x):
             return self._scan(x, n_pad, state)
+        if self.window is not None:
+            return self._forward_windowed(x, n_pad, state)
         state_dtype = self._state_dtype(state)
         with no_autocast(x.device.type):
             u = x.float().transpose(1, 2)  # (B, H, L)
@@ -264,12 +287,7 @@ class S4Block(SSMBase):
             R, t, z, den, P = f["R"], f["t"], f["z"], f["den"], f["P"]
             y = fft_causal_conv(u, f["K"]) + f["D"][:, None] * u  # (B, H, L)
 
-            # State after the last position from the inputs: sum_k dA^(L-1-k) dB u_k = entry L-1 of the
-            # circular convolution of u with the state kernel dA^k dB, whose DFT is (I - dA^L) Res(B).
-            res_B = R * f["B"][..., None] - (t * f["k10"] / den)[:, None, :] * (R * P[..., None])  # (H, N2, L)
-            u_hat = torch.fft.fft(u.to(torch.cfloat), dim=-1)  # (B, H, L)
-            w = torch.einsum("hnl,bhl->bhn", res_B * (z / L), u_hat)  # (B, H, N2); z_j = exp(2 pi i j (L-1)/L)
-            s = _bmv(f["eye"] - f["dA_L"], w)  # (B, H, N2)
+            s = self._state_from_inputs(f, u)  # (B, H, N2)
 
             if state is not None:
                 x0 = torch.view_as_complex(state[0].float().contiguous())  # (B, H, N2)
@@ -291,6 +309,94 @@ class S4Block(SSMBase):
             y = y.transpose(1, 2).to(x.dtype)  # (B, L, H)
             new_state = (torch.view_as_real(s).to(state_dtype),)  # (B, H, N2, 2)
         return self._output(y), new_state
+
+    @staticmethod
+    def _state_from_inputs(f: dict, u: torch.Tensor) -> torch.Tensor:
+        """State after the last position from zero: u (B, H, L), f = `_frequency_terms(L)` -> (B, H, N2) complex.
+
+        sum_k dA^(L-1-k) dB u_k = entry L-1 of the circular convolution of u with the state kernel dA^k dB, whose
+        DFT is (I - dA^L) Res(B)."""
+        L = u.shape[-1]
+        R, t, z, den, P = f["R"], f["t"], f["z"], f["den"], f["P"]
+        res_B = R * f["B"][..., None] - (t * f["k10"] / den)[:, None, :] * (R * P[..., None])  # (H, N2, L)
+        u_hat = torch.fft.fft(u.to(torch.cfloat), dim=-1)  # (B, H, L)
+        w = torch.einsum("hnl,bhl->bhn", res_B * (z / L), u_hat)  # (B, H, N2); z_j = exp(2 pi i j (L-1)/L)
+        return _bmv(f["eye"] - f["dA_L"], w)  # (B, H, N2)
+
+    # ------------------------------------------------------------------ windowed mode (kernel cut at W taps)
+    def _window_inputs(self, u: torch.Tensor, n_pad: Optional[torch.Tensor], state: Optional[State]) -> torch.Tensor:
+        """u (B, H, L) (padding zeroed) -> (B, H, W + L): per row [zeros(n_pad), the state's last W inputs, the row's
+        real inputs], so that entry W + t - W = t is the input W real tokens before position t."""
+        Bsz, H, L = u.shape
+        W = self.window
+        last = u.new_zeros(Bsz, H, W) if state is None else state[1].to(u.dtype)  # (B, H, W)
+        head = torch.cat([last, u.new_zeros(Bsz, H, L)], -1)  # (B, H, W + L)
+        if n_pad is not None:
+            head = shift_right(head, n_pad)  # the padding (zeros) of row b goes before its history
+        return head + torch.cat([u.new_zeros(Bsz, H, W), u], -1)
+
+    def _window_dB(self) -> torch.Tensor:
+        """dA^W dB (H, N2) complex64, by W applications of the factored dA in float64 (cached like `_step_params`)."""
+        if torch.compiler.is_compiling() and self._window_cache is not None:
+            return self._window_cache[1]
+        factors, dB, _, _ = self._step_factors()
+        key = (self._step_cache[0] if self._step_cache is not None else None, self.window)
+        if key[0] is not None and self._window_cache is not None and self._window_cache[0] == key:
+            return self._window_cache[1]
+        f64 = tuple(a.to(torch.complex128) for a in factors)
+        v = dB.to(torch.complex128).unsqueeze(0)  # (1, H, N2)
+        for _ in range(self.window):
+            v = self._apply_dA(f64, v)
+        out = v[0].to(dB.dtype)
+        self._window_cache = (key, out) if key[0] is not None else None
+        return out
+
+    def _forward_windowed(self, x: torch.Tensor, n_pad: Optional[torch.Tensor], state: Optional[State]):
+        """Parallel form of the windowed layer: convolution with the W-tap kernel over [history, inputs]."""
+        Bsz, L, H = x.shape
+        W = self.window
+        state_dtype = self._state_dtype(state)
+        with no_autocast(x.device.type):
+            u = x.float().transpose(1, 2)  # (B, H, L)
+            if n_pad is not None:
+                u = u * padding_mask(n_pad, L)[:, None, :].to(u.dtype)  # padding inputs -> 0
+            # no history and no padding: the sequence itself; zeros before it change nothing
+            v = u if state is None and n_pad is None else self._window_inputs(u, n_pad, state)  # (B, H, L')
+            n = min(W, v.shape[-1])
+            f = self._frequency_terms(n)  # K = the first n taps (all of them when n = W)
+            K = nn.functional.pad(f["K"], (0, v.shape[-1] - n))  # (H, L')
+            y = fft_causal_conv(v, K)[..., -L:] + f["D"][:, None] * u  # (B, H, L)
+            s = self._state_from_inputs(f, v[..., -n:])  # windowed state: from the last W inputs only
+            last = v[..., -W:] if v.shape[-1] >= W else nn.functional.pad(v, (W - v.shape[-1], 0))  # (B, H, W)
+            y = y.transpose(1, 2).to(x.dtype)  # (B, L, H)
+            new_state = (torch.view_as_real(s).to(state_dtype), last.to(state_dtype))
+        return self._output(y), new_state
+
+    def _scan_windowed(self, x: torch.Tensor, n_pad: Optional[torch.Tensor], state: Optional[State]):
+        """Recurrent form of the windowed layer over a left-aligned sequence (the maths of `step`)."""
+        Bsz, L, H = x.shape
+        W = self.window
+        state_dtype = self._state_dtype(state)
+        with no_autocast(x.device.type):
+            factors, dB, C, D = self._step_factors()
+            dBW = self._window_dB()  # (H, N2)
+            u = x.float().transpose(1, 2)  # (B, H, L)
+            live = None if n_pad is None else padding_mask(n_pad, L)  # (B, L) True at real tokens
+            if live is not None:
+                u = u * live[:, None, :].to(u.dtype)
+            v = self._window_inputs(u, n_pad, state)  # (B, H, W + L): v[..., t] = the input leaving at t
+            if state is None:
+                s = torch.zeros(Bsz, H, self.n_modes, dtype=dB.dtype, device=x.device)  # (B, H, N2)
+            else:
+                s = torch.view_as_complex(state[0].float().contiguous())
+            ys = []
+            for t in range(L):
+                new = self._apply_dA(factors, s) + dB * u[:, :, t, None] - dBW * v[:, :, t, None]  # (B, H, N2)
+                s = new if live is None else torch.where(live[:, t, None, None], new, s)
+                ys.append(torch.einsum("hn,bhn->bh", C, s).real)  # (B, H)
+            y = 2 * torch.stack(ys, 1) + D * u.transpose(1, 2)  # (B, L, H)
+            new_state = (torch.view_as_real(s).to(state_dtype), v[..., -W:].to(state_dtype))
+        return self._output(y.to(x.dtype)), new_state
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:
         """GELU -> dropout -> Linear(H, 2H) -> GLU, on (..., H)."""
@@ -341,17 +447,27 @@ class S4Block(SSMBase):
         return v * inv_Dg - cPd * (Pcd * v).sum(-1, keepdim=True)  # M0^-1 v
 
     def step(self, x: torch.Tensor, state: State):
-        """x (B, H), state (x,) -> (y (B, H), new_state). O(H N) per token (dA applied in factored form)."""
+        """x (B, H), state (x,) -> (y (B, H), new_state). O(H N) per token (dA applied in factored form); windowed:
+        plus one rank-1 update and the shift of the (B, H, W) input buffer, independent of the position."""
         state_dtype = self._state_dtype(state)
         with no_autocast(x.device.type):
             factors, dB, C, D = self._step_factors()
             u = x.float()  # (B, H)
             s = torch.view_as_complex(state[0].float().contiguous())  # (B, H, N2)
             s = self._apply_dA(factors, s) + dB * u[..., None]  # (B, H, N2)
+            if self.window is not None:  # the input of W tokens ago leaves the window
+                last = state[1]  # (B, H, W), oldest first
+                s = s - self._window_dB() * last[..., 0].float()[..., None]
+                last = torch.cat([last[..., 1:], u.unsqueeze(-1).to(last.dtype)], -1)
             y = 2 * torch.einsum("hn,bhn->bh", C, s).real + D * u  # (B, H)
             y = y.to(x.dtype)
             new_state = (torch.view_as_real(s).to(state_dtype),)
+            if self.window is not None:
+                new_state = new_state + (last.to(state_dtype),)
         return self._output(y), new_state
 
     def init_state(self, batch_size: int, device=None, dtype: torch.dtype = torch.float32) -> State:
-        return (torch.zeros(batch_size, self.d_model, self.n_modes, 2, device=device, dtype=dtype),)
+        x = torch.zeros(batch_size, self.d_model, self.n_modes, 2, device=device, dtype=dtype)
+        if self.window is None:
+            return (x,)
+        return (x, torch.zeros(batch_size, self.d_model, self.window, device=device, dtype=dtype))
