@@ -325,7 +325,7 @@ def test_engine_batches_mixed_rows(tiny, red_image):
     """Jobs waiting together share one left-padded batch (image and text-only rows, different max_tokens) and each
     row equals the request run alone."""
     model, processor = tiny
-    engine = Engine(model, processor, max_batch_size=8, batch_wait_s=0.0).start()
+    engine = Engine(model, processor, max_batch_size=8, batch_wait_s=0.0, scheduler="static").start()
     done = threading.Event()
     results: dict[int, list[Event]] = {}
 
@@ -546,10 +546,12 @@ def test_serve_command(tiny, tmp_path):
         proc.wait(30)
 
 
-def test_engine_failure_isolated_to_the_bad_row(tiny, red_image):
-    """A batch that fails is retried row by row: the bad row gets an error event, its batch-mate still its answer."""
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_engine_failure_isolated_to_the_bad_row(tiny, red_image, scheduler):
+    """A failing row does not sink its batch-mates: static batches are retried row by row, continuous rows are
+    prefilled one by one; the bad row gets an error event, its batch-mate still its answer."""
     model, processor = tiny
-    engine = Engine(model, processor, max_batch_size=8, batch_wait_s=0.0)
+    engine = Engine(model, processor, max_batch_size=8, batch_wait_s=0.0, scheduler=scheduler)
     got: dict[str, list[Event]] = {"good": [], "bad": []}
     finished = threading.Semaphore(0)
 
@@ -704,3 +706,141 @@ def test_graceful_shutdown(tiny, grace, finish):
         assert '"finish_reason": "length"' in rest
     else:
         assert "shutting down" in rest and '"finish_reason": "length"' not in rest
+
+
+# ---- continuous batching: rows join the running batch between steps and leave when finished ----
+class _Recorder:
+    """Event sinks that log (sequence number, job name, event) in engine order and wake waiters."""
+
+    def __init__(self):
+        self.log: list[tuple[int, str, Event]] = []
+        self.cond = threading.Condition()
+
+    def sink(self, name):
+        def put(ev):
+            with self.cond:
+                self.log.append((len(self.log), name, ev))
+                self.cond.notify_all()
+        return put
+
+    def wait(self, pred, timeout=120.0):
+        with self.cond:
+            assert self.cond.wait_for(lambda: pred(self), timeout), "timed out waiting for the engine"
+
+    def events(self, name):
+        return [ev for _, n, ev in self.log if n == name]
+
+    def first(self, name, kind="delta"):
+        return next(i for i, n, ev in self.log if n == name and ev.kind == kind)
+
+    def done(self, name):
+        return next((i for i, n, ev in self.log if n == name and ev.kind != "delta"), None)
+
+
+def _job(processor, text, image, params, sink):
+    enc = processor(processor.build_prompt(text, image is not None), images=image)
+    return Job(enc["input_ids"][0].tolist(), enc["pixel_values"][0] if image is not None else None, params, sink)
+
+
+def test_continuous_join_mid_flight_equals_generate(tiny, red_image):
+    """Requests that join a running batch mid-flight (image and text rows, greedy, seeded sampling with top_p /
+    min_p, repetition penalty, different lengths, one joining after another left) answer exactly what `generate`
+    answers for each of them alone, and so does the row that was running all along."""
+    model, processor = tiny
+    engine = Engine(model, processor, max_batch_size=8, scheduler="continuous").start()
+    rec = _Recorder()
+    first = ("long", PROMPT, red_image, dict(max_tokens=60, ignore_eos=True))
+    joiners = [
+        ("greedy_text", "how many shapes", None, dict(max_tokens=9)),
+        ("seeded_image", "is there a red circle", red_image, dict(max_tokens=12, temperature=0.9, top_p=0.8, seed=7)),
+        ("seeded_text", "describe the picture", None, dict(max_tokens=10, temperature=1.1, min_p=0.05, seed=3,
+                                                           ignore_eos=True)),
+        ("penalty", PROMPT, red_image, dict(max_tokens=8, repetition_penalty=1.6, ignore_eos=True)),
+    ]
+    late = ("after_leave", "what color is the square", None, dict(max_tokens=7, temperature=0.7, seed=11))
+    try:
+        engine.submit(_job(processor, first[1], first[2], SamplingParams(**first[3]), rec.sink("long")))
+        rec.wait(lambda r: len(r.events("long")) >= 3)  # the long row is decoding
+        for name, text, img, kw in joiners:
+            engine.submit(_job(processor, text, img, SamplingParams(**kw), rec.sink(name)))
+        rec.wait(lambda r: r.done("greedy_text") is not None)  # a row has left: the next one takes its slot
+        engine.submit(_job(processor, late[1], late[2], SamplingParams(**late[3]), rec.sink("after_leave")))
+        rec.wait(lambda r: all(r.done(n) is not None for n, *_ in [first, *joiners, late]))
+    finally:
+        engine.stop()
+    long_done = rec.done("long")
+    for name, text, img, kw in [first, *joiners, late]:
+        events = rec.events(name)
+        assert events[-1].kind == "done", events[-1]
+        if name != "long":  # it ran beside the long row, not after it
+            assert rec.first("long") < rec.first(name) < long_done, name
+        enc = processor(processor.build_prompt(text, img is not None), images=img)
+        gen = torch.Generator().manual_seed(kw["seed"]) if "seed" in kw else None
+        out = model.generate(**enc, max_new_tokens=kw["max_tokens"], do_sample="temperature" in kw,
+                             temperature=kw.get("temperature", 1.0), top_p=kw.get("top_p", 1.0),
+                             min_p=kw.get("min_p"), repetition_penalty=kw.get("repetition_penalty", 1.0),
+                             ignore_eos=kw.get("ignore_eos", False), generator=gen)
+        new = out[0, enc["input_ids"].shape[1]:].tolist()
+        eos = model.config.text_config.eos_token_id
+        if not kw.get("ignore_eos") and eos in new:
+            new = new[: new.index(eos) + 1]
+        expected = processor.decode([t for t in new if t != eos], skip_special_tokens=True)
+        assert "".join(e.text for e in events if e.kind == "delta") == expected, name
+        assert events[-1].completion_tokens == len(new), name
+    assert engine.stats["errors"] == 0 and engine.stats["rows"] == 6
+    assert engine.stats["steps"] < sum(rec.events(n)[-1].completion_tokens for n in ["long", *[j[0] for j in joiners]])
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_finished_rows_free_their_slot(tiny, scheduler):
+    """Two slots, a long row and two short ones: under continuous batching the second short request takes the slot
+    the first one left and finishes long before the long row; the static engine makes it wait for the whole batch."""
+    model, processor = tiny
+    engine = Engine(model, processor, max_batch_size=2, batch_wait_s=0.0, scheduler=scheduler)
+    rec = _Recorder()
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    with engine._cond:  # all three wait before the engine looks: long + short1 fill both slots
+        engine._pending.extend([_job(processor, "hello", None, SamplingParams(max_tokens=80, ignore_eos=True),
+                                     rec.sink("long")),
+                                _job(processor, "how many", None, params, rec.sink("short1")),
+                                _job(processor, "what color", None, params, rec.sink("short2"))])
+    engine.start()
+    try:
+        rec.wait(lambda r: all(r.done(n) is not None for n in ("long", "short1", "short2")))
+        deadline = time.monotonic() + 10
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert [rec.events(n)[-1].completion_tokens for n in ("long", "short1", "short2")] == [80, 3, 3]
+    assert engine.running == 0 and engine.stats["tokens"] == 86
+    if scheduler == "continuous":
+        assert rec.done("short2") < rec.done("long")
+        assert engine.stats["steps"] == 79  # the long row's 79 steps after its prefill carried the short ones
+    else:
+        assert rec.done("short2") > rec.done("long")
+
+
+def test_cancelled_row_leaves_the_running_batch(tiny):
+    """A row whose client went away (job.cancel(), what the server does on a disconnect) leaves the running batch
+    before the next step: its slot is free, its neighbour carries on to its full answer."""
+    model, processor = tiny
+    engine = Engine(model, processor, max_batch_size=4, scheduler="continuous").start()
+    rec = _Recorder()
+    gone = _job(processor, "hello", None, SamplingParams(max_tokens=1000, ignore_eos=True), rec.sink("gone"))
+    stays = _job(processor, "hi", None, SamplingParams(max_tokens=40, ignore_eos=True), rec.sink("stays"))
+    try:
+        engine.submit(gone)
+        engine.submit(stays)
+        rec.wait(lambda r: len(r.events("gone")) >= 3 and len(r.events("stays")) >= 1)
+        gone.cancel()
+        rec.wait(lambda r: r.done("stays") is not None)
+        deadline = time.monotonic() + 10
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.running == 0
+    finally:
+        engine.stop()
+    assert rec.events("stays")[-1].finish_reason == "length" and rec.events("stays")[-1].completion_tokens == 40
+    assert rec.done("gone") is None  # a cancelled job gets nothing more
+    assert 40 < engine.stats["tokens"] < 100 and engine.stats["steps"] < 100

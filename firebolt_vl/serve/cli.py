@@ -9,14 +9,15 @@ from pathlib import Path
 
 def _model_arguments(p) -> None:
     p.add_argument("--model", required=True, help="Firebolt-VL model directory")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory applied on top of --model")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as saved)")
 
 
-def _load(model: str, device: str, dtype: str | None):
+def _load(model: str, device: str, dtype: str | None, adapter: str | None = None):
     from ..hub import load_model_dir, parse_dtype, resolve_device
 
-    return load_model_dir(model, resolve_device(device), parse_dtype(dtype))
+    return load_model_dir(model, resolve_device(device), parse_dtype(dtype), adapter=adapter)
 
 
 # ---- serve ----
@@ -37,7 +38,11 @@ def add_serve_arguments(p) -> None:
                    help="also fetch remote images from this network (e.g. an intranet image store); repeatable")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the engine waits to fill a batch")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long the static scheduler waits to fill a batch")
+    p.add_argument("--scheduler", choices=["continuous", "static"], default="continuous",
+                   help="continuous: requests join the running batch between decoding steps and finished rows leave "
+                        "at once; static: a batch runs until its longest row ends (the earlier engine)")
     p.add_argument("--max-body-bytes", type=int, default=32 * 2**20)
     p.add_argument("--max-image-bytes", type=int, default=20 * 2**20)
     p.add_argument("--max-image-pixels", type=int, default=None, help="default: the processor's limit")
@@ -58,6 +63,7 @@ def serve(
     port: int = 8000,
     device: str = "auto",
     dtype: str | None = None,
+    adapter: str | None = None,
     served_model_name: str | None = None,
     api_key: str | None = None,
     allowed_dir: str | None = None,
@@ -67,6 +73,7 @@ def serve(
     max_batch_size: int = 8,
     max_queue: int = 64,
     batch_wait_ms: float = 5.0,
+    scheduler: str = "continuous",
     max_body_bytes: int = 32 * 2**20,
     max_image_bytes: int = 20 * 2**20,
     max_image_pixels: int | None = None,
@@ -115,12 +122,12 @@ def serve(
         max_body_bytes=max_body_bytes, max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
         default_max_tokens=default_max_tokens, max_queue=max_queue, max_batch_size=max_batch_size,
-        batch_wait_ms=batch_wait_ms, shutdown_grace_s=shutdown_grace_s,
+        batch_wait_ms=batch_wait_ms, scheduler=scheduler, shutdown_grace_s=shutdown_grace_s,
     )
     from ..hub import check_model_dir
 
     check_model_dir(model)  # a missing or wrong directory fails now, with one line, not after the server started
-    app = create_app(config=config, loader=lambda: _load(model, device, dtype))
+    app = create_app(config=config, loader=lambda: _load(model, device, dtype, adapter))
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: listening on {host} without an API key", file=sys.stderr)
     print(f"serving {config.model_name!r} at http://{host}:{port}/v1 once loaded (/health says when; Ctrl-C drains "
@@ -150,6 +157,7 @@ def chat(
     system: str | None = None,
     device: str = "auto",
     dtype: str | None = None,
+    adapter: str | None = None,
 ) -> int:
     """Interactive multi-turn chat in the terminal, answers streamed as they are generated."""
     from .chat import ChatSession, run_chat
@@ -158,7 +166,7 @@ def chat(
         raise FileNotFoundError(f"image file not found: {image}")
     if max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
-    loaded, processor = _load(model, device, dtype)
+    loaded, processor = _load(model, device, dtype, adapter)
     session = ChatSession(loaded, processor, image, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seed=seed, system=system)
     return run_chat(session)
@@ -183,6 +191,7 @@ def explain(
     max_words: int = 15,
     device: str = "auto",
     dtype: str | None = None,
+    adapter: str | None = None,
 ) -> int:
     """Draw the CMM's token-to-grid weights over the image, per prompt word and overall."""
     import json as json_module
@@ -192,7 +201,7 @@ def explain(
 
     if not Path(image).is_file():
         raise FileNotFoundError(f"image file not found: {image}")
-    loaded, processor = _load(model, device, dtype)
+    loaded, processor = _load(model, device, dtype, adapter)
     require_cmm(loaded)
     pil = load_image(image, processor.max_image_pixels)
     result = explain_weights(loaded, processor, pil, prompt)

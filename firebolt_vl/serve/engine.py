@@ -40,7 +40,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from .batching import RowSampler, choose_tokens, merge_caches, select_rows
+
 log = logging.getLogger("firebolt_vl.serve")
+
+
+SCHEDULERS = ("continuous", "static")
 
 
 class QueueFullError(RuntimeError):
@@ -247,9 +252,13 @@ class _BatchStreamer:
 class Engine:
     """Owns the model in one thread; `submit` jobs from any thread. Start with `start()`, stop with `stop()`."""
 
-    def __init__(self, model, processor, max_batch_size: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005):
+    def __init__(self, model, processor, max_batch_size: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005,
+                 scheduler: str = "continuous"):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        self.scheduler = scheduler
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -269,13 +278,16 @@ class Engine:
         self.timing: TokenTiming | None = None
         self.running = 0  # rows in the batch being decoded now
         self._current: list[Job] = []
-        self.stats = {"requests": 0, "batches": 0, "rows": 0, "tokens": 0, "errors": 0, "rejected": 0}
+        # batches: static batches run / continuous admissions (a group of rows joining between two steps);
+        # steps: decoding steps of the running batch (continuous)
+        self.stats = {"requests": 0, "batches": 0, "rows": 0, "tokens": 0, "errors": 0, "rejected": 0, "steps": 0}
 
     # ---- lifecycle ----
     def start(self) -> "Engine":
         if self._thread is None or not self._thread.is_alive():
             self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="firebolt-engine", daemon=True)
+            loop = self._loop if self.scheduler == "static" else self._loop_continuous
+            self._thread = threading.Thread(target=loop, name="firebolt-engine", daemon=True)
             self._thread.start()
         return self
 
@@ -423,3 +435,114 @@ class Engine:
             self.stats["tokens"] += row.n
             if not row.done and not row.job.cancelled:
                 row.finish("length")
+
+    # ---- continuous batching (iteration-level scheduling) ----
+    def _loop_continuous(self) -> None:
+        """Between two decoding steps, waiting jobs are prefilled one by one (exactly `generate`'s prefill of that
+        prompt: batch of one, no padding; their first token comes from it) and join the running batch
+        (`merge_caches`); finished or cancelled rows leave before the next step (`select_rows`), freeing their slot."""
+        torch.set_grad_enabled(False)
+        slots: list[_Slot] = []  # slot i is row i of `cache`
+        cache = None
+        while True:
+            with self._cond:
+                while not self._pending and not slots and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:  # stop() has sent the running and waiting jobs their error already
+                    return
+                joining: list[Job] = []
+                while self._pending and len(slots) + len(joining) < self.max_batch_size:
+                    job = self._pending.popleft()
+                    if not job.cancelled:
+                        joining.append(job)
+                self._current = [s.job for s in slots] + joining
+            if joining:
+                self.stats["batches"] += 1
+            for job in joining:
+                slot, row_cache = self._prefill(job)
+                if slot is None:
+                    continue
+                if slot.row.done:
+                    self.stats["tokens"] += slot.row.n
+                    continue
+                try:
+                    cache = row_cache if cache is None else merge_caches(cache, row_cache)
+                except Exception as e:  # e.g. a decoder cache layer that cannot be merged: this row only
+                    log.exception("job %s: could not join the running batch", job.id)
+                    self._fail([slot], e)
+                    continue
+                slots.append(slot)
+            cache, slots = self._release(cache, slots)
+            self.running = len(slots)
+            if not slots:
+                with self._cond:
+                    self._current = []
+                continue
+            try:
+                last = torch.tensor([[s.last] for s in slots], dtype=torch.long, device=self.device)  # (B, 1)
+                logits = self.model.decode_step(last, cache, logits_to_keep=1).logits[:, -1]  # (B, V)
+                tokens = choose_tokens([s.sampler for s in slots], logits)
+            except Exception as e:  # the whole running batch is lost; the engine goes on with the next jobs
+                log.exception("decoding step of %d rows failed", len(slots))
+                self._fail(slots, e)
+                slots, cache = [], None
+                self.running = 0
+                continue
+            self.stats["steps"] += 1
+            for slot, token in zip(slots, tokens):
+                slot.last = token
+                slot.row.step(token)
+            cache, slots = self._release(cache, slots)
+            self.running = len(slots)
+            with self._cond:
+                self._current = [s.job for s in slots]
+
+    def _prefill(self, job: Job) -> tuple["_Slot | None", object]:
+        """Prefill one job alone and choose its first token: (its slot, its one-row FireboltCache), or (None, None)
+        when it failed (the job got its error event)."""
+        try:
+            ids = torch.tensor([job.input_ids], dtype=torch.long, device=self.device)  # (1, T)
+            pix = None
+            if job.pixel_values is not None:
+                pix = job.pixel_values.unsqueeze(0).to(self.device, self.model.dtype)  # (1, 3, S, S)
+            out = self.model(ids, torch.ones_like(ids), pix, use_cache=True, logits_to_keep=1)
+            slot = _Slot(job, _Row(job, self.tokenizer, self.eos_ids, self.timing),
+                         RowSampler(job.params, job.input_ids, self.device))
+            slot.last = slot.sampler(out.logits[:, -1])
+        except Exception as e:
+            log.exception("job %s: prefill failed", job.id)
+            self.stats["errors"] += 1
+            job.send(Event("error", error=e))
+            return None, None
+        self.stats["rows"] += 1
+        slot.row.step(slot.last)
+        return slot, out.cache
+
+    def _release(self, cache, slots: list["_Slot"]):
+        """Rows that finished or whose client left leave the batch (their slot is free for the next job)."""
+        keep = [i for i, s in enumerate(slots) if not s.row.done and not s.job.cancelled]
+        if len(keep) == len(slots):
+            return cache, slots
+        for i, s in enumerate(slots):
+            if i not in keep:
+                self.stats["tokens"] += s.row.n
+        if not keep:
+            return None, []
+        return select_rows(cache, keep), [slots[i] for i in keep]
+
+    def _fail(self, slots: list["_Slot"], error: BaseException) -> None:
+        for s in slots:
+            self.stats["tokens"] += s.row.n
+            if not s.job.finished:
+                self.stats["errors"] += 1
+                s.job.send(Event("error", error=error))
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A row of the running batch: its job, its stopping/streaming state, its sampler, its last token."""
+
+    job: Job
+    row: _Row
+    sampler: RowSampler
+    last: int = 0

@@ -1,12 +1,23 @@
-"""Load test for the server: N concurrent clients send chat completions; prints requests/s, tokens/s and latencies.
+"""Load test for the server: streaming chat completions with mixed answer lengths and Poisson arrivals, from 1..N
+concurrent clients, against the static and the continuous scheduler in the same run.
 
-    python -m firebolt_vl.serve.loadtest --preset tiny --clients 32 --requests 128       # in-process server, tiny model
-    python -m firebolt_vl.serve.loadtest --model DIR --max-batch-size 1                   # no batching, to compare
-    python -m firebolt_vl.serve.loadtest --url http://127.0.0.1:8000 --model-name NAME   # a running `firebolt-vl serve`
+    python -m firebolt_vl.serve.loadtest --preset tiny --clients 1,8,32 --requests 96            # both schedulers
+    python -m firebolt_vl.serve.loadtest --preset paper --clients 8 --requests 16 --max-tokens 64  # paper shapes
+    python -m firebolt_vl.serve.loadtest --model DIR --schedulers continuous --rate 4            # a model directory
+    python -m firebolt_vl.serve.loadtest --url http://127.0.0.1:8000 --model-name NAME           # a running server
 
-With --preset/--model the server runs in this process (uvicorn in a thread); the client side is one asyncio loop
-(httpx), light next to the model but sharing the CPU: a separate `firebolt-vl serve` process gives cleaner figures.
-Half of the requests carry an image (a data: URL) unless --no-image.
+Workload (seeded, the same for every scheduler and client count): request i asks for a length drawn uniformly from
+--min-tokens..--max-tokens (ignore_eos, so that is its exact answer length), half of them with an image. With
+--rate R the requests arrive as a Poisson process of R per second (exponential gaps); at most --clients are in flight
+and an arrival waits for a free client; --rate 0 is a closed loop (each client sends its next request at once).
+
+Figures per run: output tokens/s over the wall time, requests/s, end-to-end latency, and time to first token (TTFT)
+and time per output token (TPOT, each gap between two tokens of a row) as p50/p95/p99. With --preset/--model the
+server runs in this process (uvicorn in a thread) and TTFT/TPOT come from the engine's token hooks (queueing to the
+first token, then the gaps; exact, unaffected by text the tokenizer shows late or never, as a random model's
+out-of-vocabulary ids are); with --url they are measured on the client from the first content chunk. The client is
+one asyncio loop in the same process, light next to the model but sharing the CPU: compare schedulers within a run.
+The last stdout line is JSON with every figure.
 """
 
 from __future__ import annotations
@@ -14,66 +25,182 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import statistics
+import json
+import os
+import random
 import tempfile
+import threading
 import time
 
 
-def _payload(i: int, image_url: str | None, max_tokens: int, temperature: float, model_name: str | None) -> dict:
+def _percentiles(xs: list[float]) -> dict:
+    if not xs:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
+    xs = sorted(xs)
+    pick = lambda q: xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]  # noqa: E731 (nearest rank)
+    return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
+
+
+def workload(requests: int, min_tokens: int, max_tokens: int, rate: float, seed: int = 0) -> list[tuple[float, int]]:
+    """[(arrival time in s from the start, max_tokens)] for each request; arrival 0 for all when rate is 0."""
+    if not 1 <= min_tokens <= max_tokens:
+        raise ValueError(f"need 1 <= --min-tokens <= --max-tokens, got {min_tokens}, {max_tokens}")
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(requests):
+        out.append((t, rng.randint(min_tokens, max_tokens)))
+        if rate > 0:
+            t += rng.expovariate(rate)
+    return out
+
+
+def _payload(i: int, image_url: str | None, max_tokens: int, model_name: str | None) -> dict:
     prompts = ["What color is the circle?", "How many shapes are there?", "Describe the picture briefly.",
                "Is there a red circle on the left?"]
     parts = [{"type": "text", "text": prompts[i % len(prompts)]}]
     if image_url is not None and i % 2 == 0:
         parts.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
-    body = {"messages": [{"role": "user", "content": parts}], "max_tokens": max_tokens, "temperature": temperature,
-            "ignore_eos": True}
+    body = {"messages": [{"role": "user", "content": parts}], "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     if model_name:
         body["model"] = model_name
     return body
 
 
-async def _run(url: str, clients: int, requests: int, max_tokens: int, image_url: str | None, temperature: float,
-               model_name: str | None, api_key: str | None) -> dict:
+class _EngineTimings:
+    """Collects the engine's TTFT / inter-token samples (seconds), passing them on to the hooks already there."""
+
+    def __init__(self, engine):
+        self.lock = threading.Lock()
+        self.ttft: list[float] = []
+        self.tpot: list[float] = []
+        self.previous = engine.timing
+
+        def first(s):
+            with self.lock:
+                self.ttft.append(s)
+            if self.previous is not None:
+                self.previous.first_token(s)
+
+        def nxt(s):
+            with self.lock:
+                self.tpot.append(s)
+            if self.previous is not None:
+                self.previous.next_token(s)
+
+        from .engine import TokenTiming
+
+        engine.timing = TokenTiming(first_token=first, next_token=nxt)
+
+    def take(self) -> tuple[list[float], list[float]]:
+        with self.lock:
+            out = (self.ttft, self.tpot)
+            self.ttft, self.tpot = [], []
+        return out
+
+
+async def _run(url: str, clients: int, plan: list[tuple[float, int]], image_url: str | None,
+               model_name: str | None, api_key: str | None, timings: _EngineTimings | None) -> dict:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    latencies, tokens, failures = [], 0, 0
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(requests):
-        queue.put_nowait(i)
+    latencies, ttft_client, tpot_client = [], [], []
+    tokens, failures = 0, 0
+    free = asyncio.Semaphore(clients)
 
-    async def worker(c):
+    async def one(c, i: int, arrival: float, n: int, start: float):
         nonlocal tokens, failures
-        while not queue.empty():
-            i = queue.get_nowait()
+        await asyncio.sleep(max(0.0, start + arrival - time.perf_counter()))
+        async with free:
             t0 = time.perf_counter()
+            first = last = None
+            got = 0
             try:
-                body = _payload(i, image_url, max_tokens, temperature, model_name)
-                r = await c.post("/v1/chat/completions", json=body)
+                async with c.stream("POST", "/v1/chat/completions", json=_payload(i, image_url, n, model_name)) as r:
+                    if r.status_code != 200:
+                        await r.aread()
+                        print(f"request {i}: HTTP {r.status_code}: {r.text[:200]}")
+                        failures += 1
+                        return
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            print(f"request {i}: {chunk['error']}")
+                            failures += 1
+                            return
+                        if chunk.get("usage"):
+                            got = chunk["usage"]["completion_tokens"]
+                        for choice in chunk.get("choices", []):
+                            if choice["delta"].get("content"):
+                                now = time.perf_counter()
+                                first = now if first is None else first
+                                last = now
             except httpx.TransportError as e:
                 print(f"request {i}: {type(e).__name__}: {e}")
                 failures += 1
-                continue
+                return
             latencies.append(time.perf_counter() - t0)
-            if r.status_code == 200:
-                tokens += r.json()["usage"]["completion_tokens"]
-            else:
-                failures += 1
+            tokens += got
+            if first is not None:
+                ttft_client.append(first - t0)
+                if got > 1 and last > first:
+                    tpot_client.append((last - first) / (got - 1))
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers, trust_env=False,
+    async with httpx.AsyncClient(base_url=url, timeout=3600, headers=headers, trust_env=False,
                                  limits=httpx.Limits(max_connections=clients + 4)) as c:
-        await c.post("/v1/chat/completions", json=_payload(0, image_url, 2, temperature, model_name))  # warm-up
+        warm = _payload(0, image_url, 2, model_name)  # warm-up, not counted
+        async with c.stream("POST", "/v1/chat/completions", json=warm) as r:
+            await r.aread()
+        if timings is not None:
+            timings.take()
         start = time.perf_counter()
-        await asyncio.gather(*(worker(c) for _ in range(clients)))
+        await asyncio.gather(*(one(c, i, a, n, start) for i, (a, n) in enumerate(plan)))
         wall = time.perf_counter() - start
-        health = (await c.get("/health")).json()
-    lat = sorted(latencies) or [float("nan")]
+    if timings is not None:
+        ttft, tpot, source = *timings.take(), "engine"
+    else:
+        ttft, tpot, source = ttft_client, tpot_client, "client"
     return {
-        "requests": requests, "clients": clients, "failures": failures, "wall_s": wall,
-        "requests_per_s": requests / wall, "tokens_per_s": tokens / wall,
-        "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))], "max_s": lat[-1],
-        "batches": health.get("batches"), "rows": health.get("rows"),
+        "clients": clients, "requests": len(plan), "failures": failures, "wall_s": wall, "tokens": tokens,
+        "tokens_per_s": tokens / wall, "requests_per_s": len(plan) / wall, "latency_s": _percentiles(latencies),
+        "ttft_s": _percentiles(ttft), "tpot_s": _percentiles(tpot), "timing_source": source,
     }
+
+
+def _build(args):
+    """(model, processor) for --preset / --model."""
+    import torch
+
+    if args.preset == "tiny":
+        from ..presets import build_tiny
+
+        with tempfile.TemporaryDirectory() as work:
+            model, processor = build_tiny(work, init_std=0.5)
+        return model.eval(), processor
+    if args.preset == "paper":  # SigLIP2-base 256 px + LFM2-350M shapes, random weights, the benchmark's tokenizer
+        from ..bench.suite import bench_tokenizer, make_preset
+        from ..configuration import FireboltConfig
+        from ..modeling import FireboltForConditionalGeneration
+        from ..processing import FireboltProcessor
+
+        preset = make_preset("paper")
+        tok = bench_tokenizer()
+        torch.manual_seed(0)
+        cfg = FireboltConfig(vision_config=dict(preset.vision), text_config=dict(preset.text),
+                             image_token_id=tok.convert_tokens_to_ids("<image>"), fusion_type="cmm", **preset.firebolt)
+        return FireboltForConditionalGeneration(cfg).eval(), FireboltProcessor.from_config(cfg, tok)
+    from ..hub import load_model_dir, resolve_device
+
+    return load_model_dir(args.model, resolve_device("auto"))
+
+
+def _row(name: str, r: dict) -> str:
+    ms = lambda d: "/".join(f"{1000 * d[k]:.0f}" for k in ("p50", "p95", "p99"))  # noqa: E731
+    return (f"{name:<11} {r['clients']:>3} {r['requests']:>4} {r['wall_s']:7.1f} {r['tokens_per_s']:8.1f} "
+            f"{r['requests_per_s']:6.2f} {ms(r['ttft_s']):>17} {ms(r['tpot_s']):>14} {ms(r['latency_s']):>17} "
+            f"{r['failures']:>4}")
 
 
 def main(argv=None) -> int:
@@ -81,18 +208,35 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--url", help="a running server")
     src.add_argument("--model", help="serve this model directory in-process")
-    src.add_argument("--preset", choices=["tiny"], help="serve a tiny random model in-process")
+    src.add_argument("--preset", choices=["tiny", "paper"],
+                     help="serve random weights in-process: tiny, or paper shapes (SigLIP2-base 256 px + LFM2-350M)")
     p.add_argument("--model-name", default=None, help="the model id to send (with --url)")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--requests", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--schedulers", default="static,continuous",
+                   help="comma-separated, each measured on the same workloads in this run (in-process only)")
+    p.add_argument("--clients", default="32", help="comma-separated concurrent client counts, e.g. 1,8,32,64")
+    p.add_argument("--requests", type=int, default=64, help="requests per (scheduler, client count)")
+    p.add_argument("--min-tokens", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals per second (0: closed loop)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload (lengths, arrival gaps)")
     p.add_argument("--no-image", action="store_true")
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-batch-size", type=int, default=None, help="the engine's rows at once (default: the most "
+                   "clients asked for, so both schedulers may batch every client)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the in-process server (default: one fewer than the cores)")
+    p.add_argument("--output", default=None, help="also write the JSON figures here")
     args = p.parse_args(argv)
+    client_counts = [int(c) for c in args.clients.split(",") if c.strip()]
+    schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
+    if not client_counts or min(client_counts) < 1:
+        p.error("--clients: give positive client counts, e.g. 1,8,32")
+    from .engine import SCHEDULERS
+
+    if args.url:
+        schedulers = ["server"]
+    elif not schedulers or set(schedulers) - set(SCHEDULERS):
+        p.error(f"--schedulers: choose from {','.join(SCHEDULERS)}")
 
     from PIL import Image, ImageDraw
 
@@ -101,43 +245,64 @@ def main(argv=None) -> int:
     img = Image.new("RGB", (96, 80), (240, 240, 240))
     ImageDraw.Draw(img).ellipse((10, 10, 30, 30), fill=(220, 20, 20))
     image_url = None if args.no_image else "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
+    plan = workload(args.requests, args.min_tokens, args.max_tokens, args.rate, args.seed)
+    batch = args.max_batch_size or max(client_counts)
 
-    server, url = None, args.url
-    if url is None:
+    model = processor = None
+    if not args.url:
         import torch
-
-        from .app import ServerConfig, start_server
-
-        import os
 
         # as `firebolt-vl serve` does on a CPU: leave a core to the HTTP side (and here, to the client)
         torch.set_num_threads(args.threads or min(torch.get_num_threads(), max(1, (os.cpu_count() or 2) - 1)))
-        if args.preset:
-            from ..presets import build_tiny
+        model, processor = _build(args)
+    header = (f"{'scheduler':<11} {'cl':>3} {'req':>4} {'wall_s':>7} {'tok/s':>8} {'req/s':>6} "
+              f"{'TTFT ms p50/95/99':>17} {'TPOT p50/95/99':>14} {'latency p50/95/99':>17} {'fail':>4}")
+    print(f"workload: {args.requests} requests, {args.min_tokens}..{args.max_tokens} tokens each "
+          f"({sum(n for _, n in plan)} in all), rate {args.rate or 'closed loop'}, max batch {batch}", flush=True)
+    print(header, flush=True)
+    results = []
+    for scheduler in schedulers:
+        server, url, timings = None, args.url, None
+        if url is None:
+            from .app import ServerConfig, ServerThread, create_app
+            from .engine import Engine
 
-            with tempfile.TemporaryDirectory() as work:
-                model, processor = build_tiny(work, init_std=0.5)
-            model.eval()
-        else:
-            from ..hub import load_model_dir, resolve_device
-
-            model, processor = load_model_dir(args.model, resolve_device("auto"))
-        config = ServerConfig(max_batch_size=args.max_batch_size, max_queue=max(64, args.clients * 2),
-                              max_tokens_limit=max(2048, args.max_tokens))
-        server = start_server(model, processor, config)
-        url = server.url
-    try:
-        r = asyncio.run(_run(url, args.clients, args.requests, args.max_tokens, image_url, args.temperature,
-                             args.model_name if args.url else None, args.api_key))
-    finally:
-        if server is not None:
-            server.stop()
-    print(f"{r['requests']} requests from {r['clients']} clients, {args.max_tokens} tokens each "
-          f"(max batch {args.max_batch_size if not args.url else 'server'}): {r['wall_s']:.2f} s, "
-          f"{r['requests_per_s']:.1f} requests/s, {r['tokens_per_s']:.0f} tokens/s, latency p50 {r['p50_s']:.2f} s "
-          f"p95 {r['p95_s']:.2f} s max {r['max_s']:.2f} s, failures {r['failures']}, "
-          f"server batches {r['batches']} for {r['rows']} rows")
-    return 0 if r["failures"] == 0 else 1
+            config = ServerConfig(max_batch_size=batch, max_queue=max(64, 2 * args.requests),
+                                  max_tokens_limit=max(2048, args.max_tokens), scheduler=scheduler)
+            engine = Engine(model, processor, batch, config.max_queue, config.batch_wait_ms / 1000, scheduler)
+            server = ServerThread(create_app(model, processor, config, engine=engine), "127.0.0.1", 0,
+                                  "warning").start()
+            url = server.url
+            timings = _EngineTimings(engine)  # after the app's start-up, which plugs its metrics into the engine
+        try:
+            for clients in client_counts:
+                r = asyncio.run(_run(url, clients, plan, image_url, args.model_name if args.url else None,
+                                     args.api_key, timings))
+                r["scheduler"] = scheduler
+                results.append(r)
+                print(_row(scheduler, r), flush=True)
+        finally:
+            if server is not None:
+                server.stop()
+    ratios = {}
+    by = {(r["scheduler"], r["clients"]): r for r in results}
+    for clients in client_counts:
+        s, c = by.get(("static", clients)), by.get(("continuous", clients))
+        if s and c:
+            ratios[clients] = {"tokens_per_s": c["tokens_per_s"] / s["tokens_per_s"],
+                               "ttft_p95": c["ttft_s"]["p95"] / s["ttft_s"]["p95"],
+                               "tpot_p50": c["tpot_s"]["p50"] / s["tpot_s"]["p50"]}
+            print(f"continuous / static at {clients} clients: tokens/s x{ratios[clients]['tokens_per_s']:.2f}, "
+                  f"TTFT p95 x{ratios[clients]['ttft_p95']:.2f}, TPOT p50 x{ratios[clients]['tpot_p50']:.2f}")
+    out = {"workload": {"requests": args.requests, "min_tokens": args.min_tokens, "max_tokens": args.max_tokens,
+                        "rate": args.rate, "seed": args.seed, "image": not args.no_image, "max_batch_size": batch,
+                        "source": args.url or args.preset or args.model},
+           "runs": results, "continuous_over_static": ratios}
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(out, f, indent=1)
+    print(json.dumps(out))
+    return 0 if all(r["failures"] == 0 for r in results) else 1
 
 
 if __name__ == "__main__":
