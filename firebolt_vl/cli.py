@@ -24,6 +24,7 @@ COMMANDS = {
     "explain": ("firebolt_vl.serve.cli", "explain", "draw which image grids each prompt word drew on (CMM weights)"),
     "eval": ("firebolt_vl.eval.cli", "eval_command", "evaluate a model on a benchmark (resumable; predictions + scores)"),
     "score": ("firebolt_vl.eval.cli", "score_command", "score a predictions file against a benchmark"),
+    "merge": ("firebolt_vl.adapters", "merge", "merge a LoRA adapter into its base model (an ordinary model directory)"),
     "convert-release": ("firebolt_vl.release", "convert_release_command",
                         "convert the authors' released checkpoint (huyquoctrinh/FireboltVL) into a firebolt-vl model"),
 }

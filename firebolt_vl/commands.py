@@ -87,7 +87,8 @@ def build(
 
 
 def add_generate_arguments(p):
-    p.add_argument("--model", required=True, help="Firebolt-VL model directory")
+    p.add_argument("--model", required=True, help="Firebolt-VL model directory (or a LoRA adapter directory)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory applied on top of --model")
     p.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -108,13 +109,15 @@ def generate(
     seed: int = 0,
     device: str = "auto",
     dtype: str | None = None,
+    adapter: str | None = None,
 ) -> int:
     """Print the model's answer to `prompt` about `image`."""
-    print(answer(model, prompt, image, max_new_tokens, temperature, top_p, seed, device, dtype))
+    print(answer(model, prompt, image, max_new_tokens, temperature, top_p, seed, device, dtype, adapter))
     return 0
 
 
-def answer(model_dir, prompt, image=None, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, device="auto", dtype=None) -> str:
+def answer(model_dir, prompt, image=None, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, device="auto", dtype=None,
+           adapter=None) -> str:
     import torch
 
     from .hub import load_model_dir, parse_dtype, resolve_device
@@ -122,7 +125,7 @@ def answer(model_dir, prompt, image=None, max_new_tokens=64, temperature=0.0, to
 
     pil = load_image(image) if image is not None else None  # bad images fail before the model loads
     dev = resolve_device(device)
-    model, processor = load_model_dir(model_dir, dev, parse_dtype(dtype))
+    model, processor = load_model_dir(model_dir, dev, parse_dtype(dtype), adapter=adapter)
     if pil is not None:
         pil = load_image(pil, processor.max_image_pixels)
     inputs = processor(processor.build_prompt(prompt, pil is not None), images=pil)

@@ -53,6 +53,15 @@ def check_model_dir(directory) -> Path:
         raise ModelDirError(f"model directory not found: {directory}")
     if not directory.is_dir():
         raise ModelDirError(f"not a directory: {directory}")
+    if (directory / "adapter_config.json").is_file() and not (directory / "config.json").is_file():
+        from .adapters import read_meta  # a LoRA adapter directory: its recorded base must be a model directory
+
+        base = read_meta(directory).get("base_model")
+        if not base:
+            raise ModelDirError(f"{directory} is a LoRA adapter without a recorded base: pass --model BASE "
+                                f"--adapter {directory}")
+        check_model_dir(base)
+        return directory
     config = directory / "config.json"
     if not config.is_file():
         raise ModelDirError(f"{directory} is not a Firebolt-VL model: config.json is missing")
@@ -73,10 +82,19 @@ def check_model_dir(directory) -> Path:
     return directory
 
 
-def load_model_dir(directory, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model in eval mode on device, processor) from a saved directory, with clear errors for bad directories."""
+def load_model_dir(directory, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, adapter=None):
+    """(model in eval mode on device, processor) from a saved directory, with clear errors for bad directories.
+    `adapter`: a LoRA adapter directory (firebolt_vl.adapters) applied on top, checked against the base weights;
+    directory may then be None (the adapter's recorded base)."""
     from .modeling import FireboltForConditionalGeneration
 
+    if adapter is None and directory is not None and (Path(directory) / "adapter_config.json").is_file() and not (
+            Path(directory) / "config.json").is_file():
+        directory, adapter = None, directory  # an adapter directory given as the model: its base + the adapter
+    if adapter is not None:
+        from .adapters import load_model_with_adapter
+
+        return load_model_with_adapter(directory, adapter, device, dtype)
     directory = check_model_dir(directory)
     try:
         model = FireboltForConditionalGeneration.from_pretrained(directory, dtype=dtype)

@@ -11,6 +11,7 @@ BENCHMARK_CHOICES = ("vqav2", "pope", "mme", "ai2d", "mmmu", "scienceqa", "mmben
 
 def add_eval_command_arguments(p):
     p.add_argument("--model", required=True, help="Firebolt-VL model directory")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory applied on top of --model")
     p.add_argument("--benchmark", required=True, choices=BENCHMARK_CHOICES)
     p.add_argument("--data", required=True, help="benchmark data folder or file (see firebolt_vl.eval.loaders)")
     p.add_argument("--split", default=None, help="benchmark split (default: the benchmark's own)")
@@ -38,6 +39,7 @@ def eval_command(
     dtype: str | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    adapter: str | None = None,
 ) -> int:
     """Evaluate a model directory on a benchmark; predictions and scores go to `output`, the table to stdout."""
     from ..hub import check_model_dir, load_model_dir, parse_dtype, resolve_device
@@ -54,10 +56,11 @@ def eval_command(
     check_model_dir(model)  # cheap checks first: model folder and data fail before any loading
     items = load_benchmark(benchmark, data, split=split, limit=limit)
     dev = resolve_device(device)
-    net, processor = load_model_dir(model, dev, parse_dtype(dtype))
+    net, processor = load_model_dir(model, dev, parse_dtype(dtype), adapter=adapter)
+    model_id = os.path.abspath(model) + (f"+{os.path.abspath(adapter)}" if adapter else "")
     result = evaluate(net, processor, benchmark, data, output, split=split, limit=limit, batch_size=batch_size,
                       max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS, items=items,
-                      model_id=os.path.abspath(model), overwrite=overwrite, progress=not quiet)
+                      model_id=model_id, overwrite=overwrite, progress=not quiet)
     print(format_table(benchmark, result))
     print(f"\npredictions: {os.path.join(output, 'predictions.jsonl')}\nscores: {os.path.join(output, 'scores.json')}")
     return 0

@@ -2,6 +2,7 @@
 
 Layout of one checkpoint, `<stage dir>/checkpoints/step-00000120/`:
     config.json, model.safetensors, tokenizer + processor files   a complete model directory (`load_model_dir` works)
+                          (LoRA stages: a PEFT adapter directory instead, see firebolt_vl.adapters)
     optimizer.pt          {"optimizer": AdamW state, "scheduler": LambdaLR state}   (full, gathered under FSDP)
     trainer_state.json    step, epoch, samples, total_steps, best validation, world size, stage settings
     rank_<r>.pt           per process: RNG states (python, numpy, torch, CUDA) and the data position
@@ -218,9 +219,10 @@ def gather_optimizer_state(model, optimizer, fsdp: bool) -> dict:
 
 def save_checkpoint(ckpt_dir, step: int, *, model, unwrapped, processor, optimizer, scheduler,
                     trainer_state: dict, rank_state: dict, info: DistInfo, keep_last: int, fsdp: bool = False,
-                    fail_hook=None) -> Path:
+                    fail_hook=None, write_model=None) -> Path:
     """Write checkpoint `step` atomically (every rank calls this). Returns its path. `fail_hook(stage)` is a test
-    seam called between the parts of the save."""
+    seam called between the parts of the save. `write_model(directory)` replaces the model files (LoRA stages write
+    their PEFT adapter directory instead of the whole model)."""
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / checkpoint_name(step)
     tmp = ckpt_dir / f".tmp-{final.name}"
@@ -230,11 +232,14 @@ def save_checkpoint(ckpt_dir, step: int, *, model, unwrapped, processor, optimiz
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier(info)
-    model_state = gather_model_state(model, unwrapped, fsdp)
+    model_state = gather_model_state(model, unwrapped, fsdp) if write_model is None else None
     optim_state = gather_optimizer_state(model, optimizer, fsdp)
     try:
         if info.is_main:
-            write_model_files(unwrapped, processor, model_state, tmp)
+            if write_model is None:
+                write_model_files(unwrapped, processor, model_state, tmp)
+            else:
+                write_model(tmp)
             if fail_hook:
                 fail_hook("model")
             torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, tmp / OPTIM_FILE)

@@ -10,6 +10,8 @@
         optim     OptimConfig  AdamW betas/eps/weight decay, grad clip, schedule (cosine/linear/constant), warmup
         epochs / max_steps, batch_size (global, per optimizer step), micro_batch_size / grad_accum, max_length,
         loss_on (assistant|all), eval/save/log cadence, shuffle window, gradient checkpointing
+        lora      LoraSpec     optional: train LoRA adapters (peft) in the modules with lr > 0 instead of the weights
+        objective sft (next-token cross-entropy) | dpo (preference pairs, `beta`; reference = the stage's start)
 
 Every dataclass validates itself in `__post_init__`; `from_dict` names the exact key of any unknown or mistyped
 entry (for example `stages[1].optim.lrr: unknown key`). YAML 1.1 reads `5e-4` as a string: float fields accept
@@ -35,6 +37,9 @@ LOSS_ON = ("assistant", "all")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("bf16", "fp32")
 STRATEGIES = ("auto", "ddp", "fsdp")
+OBJECTIVES = ("sft", "dpo")
+# LFM2: attention q/k/v/out_proj, short-conv in_proj/out_proj, SwiGLU MLP w1/w2/w3; CMM: q/k/v_proj, FiLM in/out
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3", "film_in", "film_out")
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -136,6 +141,28 @@ class OptimConfig:
 
 
 @dataclass
+class LoraSpec:
+    """LoRA adapters (peft) for a stage: every nn.Linear whose name ends with one of target_modules, inside the
+    modules whose learning rate is > 0 (the vision tower stays frozen unless lr.vision > 0), gets W + B A * alpha / r;
+    only A and B train (at that module's lr). A target that matches no layer is an error."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise RecipeError(f"r: must be >= 1, got {self.r}")
+        if not self.alpha > 0:
+            raise RecipeError(f"alpha: must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise RecipeError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise RecipeError(f"target_modules: need a list of module names, got {self.target_modules!r}")
+
+
+@dataclass
 class StageConfig:
     """One training stage.
 
@@ -164,6 +191,9 @@ class StageConfig:
     shuffle: bool = True
     shuffle_buffer: int = 1024  # records per shuffle window (entries are shuffled within windows, windows in turn)
     gradient_checkpointing: bool = False
+    lora: Optional[LoraSpec] = None  # train LoRA adapters instead of the weights (`lora: {}` for the defaults)
+    objective: str = "sft"  # sft | dpo (needs preference pairs: a rejected answer per record)
+    beta: float = 0.1  # DPO: strength of the pull towards the reference (the stage's starting model)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -183,6 +213,10 @@ class StageConfig:
                 raise RecipeError(f"{key}: must be >= {low}, got {value}")
         if self.loss_on not in LOSS_ON:
             raise RecipeError(f"loss_on: must be one of {LOSS_ON}, got {self.loss_on!r}")
+        if self.objective not in OBJECTIVES:
+            raise RecipeError(f"objective: must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not self.beta > 0:
+            raise RecipeError(f"beta: must be > 0, got {self.beta}")
         if not any(v > 0 for v in self.lr.as_dict().values()):
             raise RecipeError("lr: every module has learning rate 0, the stage would train nothing")
 
@@ -455,7 +489,8 @@ def load_recipe(name_or_path: str, overrides: Optional[list[str]] = None) -> Rec
 
 
 __all__ = [
-    "DataSource", "StageData", "ModuleLR", "OptimConfig", "StageConfig", "ModelSpec", "RuntimeConfig", "Recipe",
+    "DataSource", "StageData", "ModuleLR", "OptimConfig", "LoraSpec", "StageConfig", "ModelSpec", "RuntimeConfig",
+    "Recipe",
     "RecipeError", "load_recipe", "recipe_from_dict", "apply_override", "from_dict", "to_dict", "packaged_recipes",
     "MODULES",
 ]

@@ -17,6 +17,12 @@ Loss: next-token cross-entropy summed over the supervised tokens of the whole op
 divided by their global count, so gradient accumulation and the number of processes do not change the objective.
 Resume is exact: same seed, same data order, same dropout masks (RNG states saved per process) - on CPU the resumed
 run ends with bit-identical weights.
+
+LoRA stages (`lora:` in the stage) train peft adapters in the modules with lr > 0; their checkpoints, best/ and
+final/ are PEFT adapter directories that refer to the base model directory (`base_dir`: the start model's directory,
+or `<stage>/base/` written once when the start model has none). DPO stages (`objective: dpo`) train on preference
+pairs against the stage's starting weights (LoRA: adapters disabled; otherwise a frozen copy loaded from base_dir)
+and log loss, chosen / rejected rewards, reward margin and preference accuracy (validation: on the val pairs).
 """
 
 from __future__ import annotations
@@ -39,8 +45,8 @@ from . import checkpoint as ckpt
 from .collate import collate
 from .data import MixedStream, _EncodeFn, open_source, source_length
 from .dist import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from .optim import apply_trainable, build_optimizer, build_scheduler, param_groups, set_train_modes
-from .recipe import Recipe, RecipeError, RuntimeConfig, StageConfig, to_dict
+from .optim import apply_trainable, build_optimizer, build_scheduler, module_of, param_groups, set_train_modes
+from .recipe import MODULES, Recipe, RecipeError, RuntimeConfig, StageConfig, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -370,6 +376,7 @@ def run_stage(
     metrics_path=None,
     data_root: Optional[str] = None,
     image_root: Optional[str] = None,
+    base_dir=None,
 ) -> dict:
     """Train `model` for one stage; returns the stage's metrics (see the keys at the end).
 
@@ -379,8 +386,11 @@ def run_stage(
     train_data / val_data: override stage.data: a list of DataSource / paths / readers, or one list of records.
     runtime: device, precision, DDP/FSDP, workers (default RuntimeConfig()).
     resume: continue from the newest complete checkpoint in output_dir/checkpoints (False: refuse if one exists).
+    base_dir: the directory `model` was loaded from (LoRA adapters refer to it; DPO's reference is loaded from it);
+        None: LoRA / DPO stages save the start model as output_dir/base once.
     Under torchrun every process calls this; DDP/FSDP is set up from the environment.
-    After the call the model holds the stage's final weights (under FSDP it stays sharded: load final_dir instead).
+    After the call the model holds the stage's final weights (under FSDP it stays sharded: load final_dir instead;
+    with LoRA it holds the adapters).
     """
     runtime = runtime or RuntimeConfig()
     info = init_distributed(runtime.device)
@@ -415,10 +425,12 @@ def run_stage(
 
     # ---- model, trainable modules, optimizer
     lrs = stage.lr.as_dict()
+    use_lora, dpo = stage.lora is not None, stage.objective == "dpo"
+    if (use_lora or dpo) and info.distributed and runtime.strategy == "fsdp":
+        raise RecipeError(f"stage {stage.name}: LoRA and DPO stages run in one process or under DDP; strategy fsdp "
+                          f"is not supported for them")
     model.to(device=device, dtype=torch.float32)
     counts = apply_trainable(model, lrs)
-    if stage.gradient_checkpointing:
-        _activation_checkpointing(model.language_model, True)
     resume_from = existing if resume else None
     trainer_state: dict = {}
     rank_state: dict = {}
@@ -428,7 +440,35 @@ def run_stage(
         if trainer_state.get("world_size") != info.world_size:
             raise RecipeError(f"{resume_from} was written by {trainer_state.get('world_size')} processes; resume with "
                               f"the same number (this run has {info.world_size})")
-        ckpt.load_model_weights(model, resume_from)
+        base_dir = trainer_state.get("base_dir") or base_dir
+    if (use_lora or dpo) and base_dir is None:
+        base_dir = out / "base"  # the stage's starting weights, kept for the adapters / the DPO reference
+        if ckpt.resolve_dir(base_dir) is None or resume_from is None:
+            if info.is_main:
+                ckpt.save_model_atomic(model, processor, {k: v.detach() for k, v in model.state_dict().items()},
+                                       base_dir)
+            barrier(info)
+    base_dir = str(Path(base_dir).resolve()) if base_dir is not None else None
+    fingerprint = None
+    if use_lora:
+        from ..adapters import add_lora, adapter_names, base_fingerprint
+
+        lora_cfg = add_lora(model, stage.lora, [m for m in MODULES if lrs[m] > 0], base_dir=base_dir, seed=seed)
+        model.to(device=device)
+        fingerprint = base_fingerprint(base_dir, adapter_names(lora_cfg))
+        counts = {m: 0 for m in MODULES}
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                counts[module_of(n)] += p.numel()
+    if stage.gradient_checkpointing:
+        _activation_checkpointing(model.language_model, True)
+    if resume_from is not None:
+        if use_lora:
+            from ..adapters import load_adapter_weights
+
+            load_adapter_weights(model, resume_from)
+        else:
+            ckpt.load_model_weights(model, resume_from)
         total_steps = int(trainer_state["total_steps"])  # keep the schedule the run started with
     # groups are decided on the plain module (FSDP replaces the parameters and drops their `_optim` tags)
     groups = param_groups(model, lrs, stage.optim.weight_decay)
@@ -458,6 +498,37 @@ def run_stage(
             optimizer.load_state_dict(optim_file["optimizer"])
         scheduler.load_state_dict(optim_file["scheduler"])
     pooled = getattr(model.config, "output_mode", "replace") == "pooled"
+    n_train = sum(p.numel() for g in groups for p in g["params"])
+    n_total = sum(p.numel() for p in model.parameters())
+    optim_mb = 2 * 4 * n_train / 2**20  # AdamW's exp_avg + exp_avg_sq, fp32
+
+    # ---- DPO reference: the stage's starting weights
+    ref_model = None
+    if dpo and not use_lora:
+        from ..hub import load_model_dir
+
+        ref_model = load_model_dir(base_dir, device="cpu", dtype=torch.float32)[0].to(device).eval()
+        ref_model.config.freeze_vision = True
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+
+    def ref_logps(batch: dict) -> torch.Tensor:
+        """(rows,) answer log-probabilities under the reference, without dropout and without gradients."""
+        from .dpo import sequence_logps
+
+        with torch.no_grad(), _autocast(device, runtime.precision):
+            if ref_model is not None:
+                return sequence_logps(ref_model, batch, pooled)
+            from ..adapters import adapters_disabled
+
+            was_training = model.training
+            model.eval()
+            try:
+                with adapters_disabled(model):
+                    return sequence_logps(model, batch, pooled)
+            finally:
+                if was_training:
+                    set_train_modes(model, lrs)
 
     # ---- counters and position
     step = int(trainer_state.get("step", 0))
@@ -483,8 +554,21 @@ def run_stage(
         print(f"[{stage.name}] training {trained}; {info.world_size} process(es) x micro-batch {micro} x accumulation "
               f"{accum} = batch {stage.batch_size}; {total_steps} steps ({spe} per epoch); device {device}{fp32_note}",
               flush=True)
+        what = (f"LoRA r={stage.lora.r} alpha={stage.lora.alpha:g} on {len(adapter_names(lora_cfg))} layers"
+                if use_lora else "full weights")
+        print(f"[{stage.name}] {stage.objective}{f' beta={stage.beta:g}' if dpo else ''}, {what}: trainable "
+              f"parameters {n_train:,} of {n_total:,} ({100 * n_train / max(n_total, 1):.3f}%); optimizer state "
+              f"{optim_mb:.2f} MiB (AdamW, fp32) + gradients {optim_mb / 2:.2f} MiB"
+              f"{f'; base {base_dir}' if base_dir else ''}", flush=True)
 
-    encode = _EncodeFn(processor, stage.max_length, stage.loss_on)
+    if dpo:
+        from .dpo import PairEncodeFn, collate_pairs, evaluate_pairs, mean_stats, pair_step
+
+        encode = PairEncodeFn(processor, stage.max_length)
+        collate_fn = collate_pairs
+    else:
+        encode = _EncodeFn(processor, stage.max_length, stage.loss_on)
+        collate_fn = collate
     weights = _weights(train, info.world_size)
     readers = [r for r, _ in train]
 
@@ -492,16 +576,32 @@ def run_stage(
         return {"stage": stage.name, "step": step, "epoch": epoch, "samples": samples, "tokens": tokens_seen,
                 "total_steps": total_steps, "steps_per_epoch": spe, "world_size": info.world_size,
                 "best_val_ppl": best_ppl, "best_step": best_step, "last_val": last_val, "seed": seed,
-                "stage_config": to_dict(stage)}
+                "stage_config": to_dict(stage), "base_dir": base_dir, "lora": use_lora, "objective": stage.objective}
+
+    def write_adapter(directory, extra=None) -> None:
+        from ..adapters import write_adapter_files
+
+        write_adapter_files(model, directory, base_dir, fingerprint, extra)
+
+    def save_result(target: Path, extra: dict) -> None:
+        """best/ or final/: a model directory, or (LoRA) an adapter directory."""
+        if use_lora:
+            from ..adapters import save_adapter
+
+            save_adapter(model, target, base_dir, fingerprint, extra)
+        else:
+            ckpt.save_model_atomic(model, processor, ckpt.gather_model_state(wrapped, model, fsdp), target,
+                                   extra=extra)
 
     def save() -> Path:
         """A step checkpoint (every process calls this)."""
         state = stage_state()
         rank_payload = {"rng": ckpt.capture_rng(), "data": data_state, "epoch": epoch,
-                        "log": [log_nll, log_tok]}  # the partial logging window, so resumed rows match too
+                        "log": [log_nll, log_tok, dict(log_stats)]}  # the partial logging window: resumed rows match
         return ckpt.save_checkpoint(ckpt_dir, step, model=wrapped, unwrapped=model, processor=processor,
                                     optimizer=optimizer, scheduler=scheduler, trainer_state=state,
-                                    rank_state=rank_payload, info=info, keep_last=stage.keep_last, fsdp=fsdp)
+                                    rank_state=rank_payload, info=info, keep_last=stage.keep_last, fsdp=fsdp,
+                                    write_model=write_adapter if use_lora else None)
 
     def validate() -> None:
         nonlocal best_ppl, best_step, last_val
@@ -509,21 +609,33 @@ def run_stage(
             return
         t = time.perf_counter()
         eval_model = wrapped if fsdp else model
-        res = evaluate(eval_model, processor, val, max_length=stage.max_length, loss_on=stage.loss_on,
-                       batch_size=stage.val_batch_size or micro, max_samples=stage.val_max_samples, info=info,
-                       precision=runtime.precision)
+        if dpo:
+            with _autocast(device, runtime.precision):
+                res = evaluate_pairs(model, processor, val, ref_logps, beta=stage.beta, max_length=stage.max_length,
+                                     batch_size=stage.val_batch_size or micro, max_samples=stage.val_max_samples,
+                                     pooled=pooled)
+        else:
+            res = evaluate(eval_model, processor, val, max_length=stage.max_length, loss_on=stage.loss_on,
+                           batch_size=stage.val_batch_size or micro, max_samples=stage.val_max_samples, info=info,
+                           precision=runtime.precision)
         set_train_modes(model, lrs)
         last_val = {"step": step, **res}
         metrics.write({"stage": stage.name, "step": step, "epoch": epoch, **res,
                        "eval_s": round(time.perf_counter() - t, 3)})
         if info.is_main:
-            bar.write(f"[{stage.name}] step {step}: val loss {res['val_loss']:.4f}, ppl {res['val_ppl']:.3f}")
+            extra = (f", preference accuracy {res['val_pref_accuracy']:.3f}, reward margin "
+                     f"{res['val_reward_margin']:.4f}" if dpo else "")
+            bar.write(f"[{stage.name}] step {step}: val loss {res['val_loss']:.4f}, ppl {res['val_ppl']:.3f}{extra}")
         if math.isfinite(res["val_ppl"]) and (best_ppl is None or res["val_ppl"] < best_ppl):
-            best_ppl, best_step = res["val_ppl"], step
-            sd = ckpt.gather_model_state(wrapped, model, fsdp)
-            if info.is_main:
-                ckpt.save_model_atomic(model, processor, sd, out / "best",
-                                       extra={STAGE_FILE: {**stage_state(), "kind": "best"}})
+            best_ppl, best_step = res["val_ppl"], step  # DPO: exp(val DPO loss), i.e. ranked by the DPO loss
+            if use_lora:
+                if info.is_main:
+                    save_result(out / "best", {STAGE_FILE: {**stage_state(), "kind": "best"}})
+            else:
+                sd = ckpt.gather_model_state(wrapped, model, fsdp)
+                if info.is_main:
+                    ckpt.save_model_atomic(model, processor, sd, out / "best",
+                                           extra={STAGE_FILE: {**stage_state(), "kind": "best"}})
             barrier(info)
 
     # ---- loop
@@ -534,7 +646,8 @@ def run_stage(
     kill_after = _fault_step()
     bar = tqdm(total=stop_step or total_steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True,
                disable=not (runtime.progress and info.is_main))
-    log_nll, log_tok = rank_state.get("log", [0.0, 0])
+    log_nll, log_tok, log_stats = (list(rank_state.get("log", [0.0, 0])) + [{}])[:3]
+    log_stats = dict(log_stats)
     nonfinite = 0
     train_time, run_samples, run_tokens = 0.0, 0, 0
     last_saved = step if resume_from is not None else -1
@@ -561,9 +674,9 @@ def run_stage(
                 if len(items) < micro:
                     break
                 last_state = items[-1][1]
-                micro_batches.append(collate([e for e, _ in items], processor))
+                micro_batches.append(collate_fn([e for e, _ in items], processor))
             have = len(micro_batches) == accum
-            n_local = sum(b["n_targets"] for b in micro_batches) if have else 0
+            n_local = sum(b["n_pairs" if dpo else "n_targets"] for b in micro_batches) if have else 0
             n_global, missing = all_reduce_sum([float(n_local), 0.0 if have else 1.0], info)
             if missing > 0:  # some process ran out of data: the epoch ends for all
                 epoch_done = True
@@ -583,7 +696,12 @@ def run_stage(
                     wrapped.set_requires_gradient_sync(True)
                 with ctx:
                     with _autocast(device, runtime.precision):
-                        nll = _forward_ce(wrapped, batch, pooled)
+                        if dpo:  # summed DPO loss over the pairs; the step's mean over all pairs after scaling
+                            nll, stats = pair_step(wrapped, ref_logps, batch, stage.beta, pooled)
+                            for k, v in stats.items():
+                                log_stats[k] = log_stats.get(k, 0.0) + v
+                        else:
+                            nll = _forward_ce(wrapped, batch, pooled)
                     (nll * scale).backward()
                 step_nll += float(nll.detach())
                 run_tokens += batch["n_tokens"]
@@ -625,9 +743,13 @@ def run_stage(
                 row = {"stage": stage.name, "step": step, "epoch": epoch, "samples": samples, "loss": loss,
                        "lr": lr, "grad_norm": grad_norm, "samples_per_s": run_samples / max(train_time, 1e-9),
                        "time": round(time.perf_counter() - stage_start, 3)}
+                if dpo:  # means over the pairs of the logging window
+                    keys = sorted(log_stats)
+                    sums = all_reduce_sum([log_stats[k] for k in keys], info) if keys else []
+                    row.update(mean_stats(dict(zip(keys, sums)), tok_sum))
                 metrics.write(row)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lr.values()):.2e}")
-                log_nll, log_tok = 0.0, 0
+                log_nll, log_tok, log_stats = 0.0, 0, {}
             if stage.eval_every and step % stage.eval_every == 0:
                 validate()
                 last_validated = step
@@ -661,7 +783,11 @@ def run_stage(
         save()
     best_dir = ckpt.resolve_dir(out / "best")
     use_best = best_dir is not None and best_step is not None and best_step != step
-    if use_best and not fsdp:
+    if use_best and use_lora:
+        from ..adapters import load_adapter_weights
+
+        load_adapter_weights(model, best_dir)
+    elif use_best and not fsdp:
         ckpt.load_model_weights(model, best_dir)
     final_state = {**stage_state(), "kind": "final", "weights_from": f"best (step {best_step})" if use_best
                    else f"last (step {step})"}
@@ -674,6 +800,9 @@ def run_stage(
             shutil.copytree(best_dir, tmp)
             (tmp / STAGE_FILE).write_text(json.dumps(final_state, indent=2, default=str))
             ckpt.replace_dir(tmp, out / "final")
+    elif use_lora:
+        if info.is_main:
+            save_result(out / "final", {STAGE_FILE: final_state})
     else:
         sd = ckpt.gather_model_state(wrapped, model, fsdp)
         if info.is_main:
@@ -704,6 +833,12 @@ def run_stage(
         "best_dir": str(best_dir) if best_dir else None,
         "last_checkpoint": str(ckpt.latest_checkpoint(ckpt_dir) or ""),
         "metrics_path": str(metrics.path) if metrics.path else None,
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "optimizer_state_mb": optim_mb,
+        "base_dir": base_dir,
+        "lora": use_lora,
+        "objective": stage.objective,
     }
     metrics.write({"stage": stage.name, "event": "end", "step": step,
                    **{k: result[k] for k in ("samples_per_s", "tokens_per_s", "peak_memory_mb", "train_time_s",
@@ -780,6 +915,11 @@ def load_start_model(model=None, recipe: Optional[Recipe] = None, seed: int = 0,
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"model not found: {model} (give a Firebolt-VL directory or `tiny`)")
+    from ..adapters import is_adapter_dir, load_model_with_adapter, merge_lora
+
+    if is_adapter_dir(path):  # a LoRA stage's result: its base with the adapters merged in
+        m, processor = load_model_with_adapter(None, path, "cpu", torch.float32)
+        return merge_lora(m), processor
     return load_model_dir(path, device="cpu", dtype=torch.float32)
 
 
@@ -789,6 +929,8 @@ def run_recipe(recipe: Recipe, output_dir, *, model=None, stages: Optional[list[
     the previous stage's final model. With resume, finished stages are skipped and an interrupted one continues
     from its last checkpoint. `model`: see load_start_model (None = the recipe's model, or the final model of the
     stage before the first selected one if it exists in output_dir). Returns {stage name: metrics}."""
+    from ..adapters import is_adapter_dir, read_meta
+
     out = Path(output_dir)
     info = init_distributed(recipe.runtime.device)
     try:
@@ -828,12 +970,16 @@ def run_recipe(recipe: Recipe, output_dir, *, model=None, stages: Optional[list[
             if latest is not None:
                 # the checkpoint is a full model directory: no need to rebuild the start model (or reach the hub)
                 current = str(latest)
+                if is_adapter_dir(latest):  # LoRA: the adapters' base; run_stage loads the adapters
+                    current = read_meta(latest)["base_model"]
+            base_dir = current if isinstance(current, str) and Path(current).is_dir() and not is_adapter_dir(
+                current) and (latest is None or current != str(latest)) else None
             if info.is_main and isinstance(current, str):
                 print(f"[{name}] starting from {current}", flush=True)
             m, processor = load_start_model(current, recipe, seed=recipe.seed, workdir=out, info=info)
             results[name] = run_stage(m, processor, stage, stage_dir, runtime=recipe.runtime, seed=stage_seed,
                                       resume=resume, metrics_path=out / "metrics.jsonl", data_root=data_root,
-                                      image_root=image_root)
+                                      image_root=image_root, base_dir=base_dir)
             del m
             current = results[name]["final_dir"]
         return results
