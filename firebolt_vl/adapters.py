@@ -102,14 +102,14 @@ def adapters_disabled(model: nn.Module):
     """Run the base model: every LoRA layer passes its input through the frozen base layer only."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for m in layers:
+    layers = [(m, m.disable_adapters) for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for m, _ in layers:
         m.enable_adapters(False)
     try:
         yield model
     finally:
-        for m in layers:
-            m.enable_adapters(True)
+        for m, was_disabled in layers:  # nested uses restore the state they found
+            m.enable_adapters(not was_disabled)
 
 
 # ---------------------------------------------------------------------------------------------- base fingerprint
