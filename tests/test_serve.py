@@ -742,11 +742,13 @@ def _job(processor, text, image, params, sink):
     return Job(enc["input_ids"][0].tolist(), enc["pixel_values"][0] if image is not None else None, params, sink)
 
 
-def test_continuous_join_mid_flight_equals_generate(tiny, red_image):
+@pytest.mark.parametrize("bypass", [False, True], ids=["cmm", "text_only_bypass"])
+def test_continuous_join_mid_flight_equals_generate(tiny_factory, red_image, bypass):
     """Requests that join a running batch mid-flight (image and text rows, greedy, seeded sampling with top_p /
     min_p, repetition penalty, different lengths, one joining after another left) answer exactly what `generate`
-    answers for each of them alone, and so does the row that was running all along."""
-    model, processor = tiny
+    answers for each of them alone, and so does the row that was running all along; also with the release's
+    text-only bypass (text rows skip the CMM, so their grid memory must say "no image" after a merge)."""
+    model, processor = tiny_factory(text_only_bypass=True) if bypass else tiny_factory()
     engine = Engine(model, processor, max_batch_size=8, scheduler="continuous").start()
     rec = _Recorder()
     first = ("long", PROMPT, red_image, dict(max_tokens=60, ignore_eos=True))
