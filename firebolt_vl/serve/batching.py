@@ -58,8 +58,9 @@ def _check_layer(layer) -> None:
 
 def _empty_memory(like: GridMemory, rows: int) -> GridMemory:
     """Zero grid memory for `rows` rows without an image (present False), shaped like `like`."""
-    return GridMemory(like.keys.new_zeros(rows, *like.keys.shape[1:]), like.values.new_zeros(rows, *like.values.shape[1:]),
-                      torch.zeros(rows, dtype=torch.bool, device=like.present.device))
+    keys = like.keys.new_zeros(rows, *like.keys.shape[1:])  # (rows, H_c, G, Dh_c)
+    values = like.values.new_zeros(rows, *like.values.shape[1:])  # (rows, G, D)
+    return GridMemory(keys, values, torch.zeros(rows, dtype=torch.bool, device=like.present.device))
 
 
 def _merge_memory(a: GridMemory | None, b: GridMemory | None, rows_a: int, rows_b: int) -> GridMemory | None:
