@@ -151,6 +151,21 @@ def test_demo_cli_rejects_bad_arguments(tmp_path):
         demo(output=str(tmp_path), quick=True, pretrain_threads=0)
     args = vars(build_parser().parse_args(["demo", "--pretrain-threads", "1"]))
     assert args["pretrain_threads"] == 1
+    with pytest.raises(SystemExit):  # argparse: the sizes exclude each other
+        build_parser().parse_args(["demo", "--quick", "--full"])
+    with pytest.raises(ValueError, match="exclude"):
+        demo(output=str(tmp_path), quick=True, full=True)
+
+
+def test_demo_sizes():
+    """The command's default is the small demo (fewer images and steps than the full one, all phases and models)."""
+    from firebolt_vl.demo.pipeline import MODELS, DemoConfig
+
+    small, full = DemoConfig.small(), DemoConfig()
+    assert (small.size, full.size, DemoConfig.quick().size) == ("small", "full", "quick")
+    assert small.n_train < full.n_train and small.vision.max_steps < full.vision.max_steps
+    assert small.stage2.epochs <= full.stage2.epochs and small.models == full.models == MODELS
+    assert small.families is None  # every question family, as the full demo
 
 
 def test_pack_turns_groups_questions_of_one_image():
