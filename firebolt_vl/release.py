@@ -30,8 +30,10 @@ which is the release's system exactly (no approximation); the price is twice the
 (2*N2 = 64 complex modes per channel: ~2x the SSM's share of a decoding step, a small part of the whole).
 C from C~: the release turns C into C~ = C (I - dA^n) on its first forward (n = l_kernel = 512) and stores C~;
 we learn plain C, so we solve c (I - dA^n) = c~ in float64. n = 0 (saved before any forward) means C is plain.
-The release's kernel is cut at W = 512 taps; ours is the untruncated recurrence (see `ssm_window` in the README
-for the measured difference past 512 tokens).
+The release's kernel is cut at W = 512 taps (output t sees inputs t-511..t): the converted S4 gets `window` 512 in
+its ssm_config (S4Block's windowed mode: the same W-tap convolution in parallel, and an O(1)-per-token recurrence
+with a buffer of the last W inputs when decoding), so it equals the release at every length; `window=None`
+(`convert-release --no-window`) keeps the untruncated recurrence instead.
 
 S4D (the release's minimal S4DKernel: log_dt, log_A_real, A_imag, C, ZOH, B = 1, full-length kernel) is our S4D
 with the same parameterisation: a rename. Mamba checkpoints are refused.
@@ -212,8 +214,9 @@ def plain_c(dt, lam, p, b, c_stored, n: int) -> torch.Tensor:
     return torch.linalg.solve(M.transpose(-1, -2), c_stored.unsqueeze(-1)).squeeze(-1)  # M^T c^T = c~^T
 
 
-def convert_s4(s4: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Release S4Block tensors (keys under `s4.`) -> our S4Block's state dict and its ssm_config (d_state 4*N2)."""
+def convert_s4(s4: dict[str, torch.Tensor], window: int | None = RELEASE_WINDOW) -> tuple[dict[str, torch.Tensor], dict]:
+    """Release S4Block tensors (keys under `s4.`) -> our S4Block's state dict and its ssm_config (d_state 4*N2,
+    window: the release's 512-tap kernel cut, or None for the untruncated recurrence)."""
     dt, lam, p, b, c_stored, n = release_s4_full_system(s4)
     c = plain_c(dt, lam, p, b, c_stored, n)
     half = lam.shape[-1] // 2
@@ -230,7 +233,10 @@ def convert_s4(s4: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
         "output_linear.weight": s4["output_linear.0.weight"].squeeze(-1).float(),  # Conv1d(H, 2H, 1) -> Linear
         "output_linear.bias": s4["output_linear.0.bias"].float(),
     }
-    return ours, {"d_state": 2 * lam.shape[-1]}
+    config = {"d_state": 2 * lam.shape[-1]}
+    if window is not None:
+        config["window"] = int(window)
+    return ours, config
 
 
 def convert_s4d(s4: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -247,8 +253,10 @@ def convert_s4d(s4: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], d
     return ours, {"d_state": 2 * s4["kernel.C"].shape[1]}
 
 
-def convert_cmm(cmm: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, dict]:
-    """Release TokenGridCorrFiLMS4 tensors -> (our CrossModalModulator state dict, ssm_type, ssm_config)."""
+def convert_cmm(cmm: dict[str, torch.Tensor], window: int | None = RELEASE_WINDOW
+                ) -> tuple[dict[str, torch.Tensor], str, dict]:
+    """Release TokenGridCorrFiLMS4 tensors -> (our CrossModalModulator state dict, ssm_type, ssm_config); `window`
+    applies to the S4 (the release's S4D uses its full-length kernel)."""
     missing = [k for k in CMM_NAMES if k not in cmm]
     if missing:
         raise ReleaseFormatError(f"the release's fusion module lacks {missing[:3]} (a different fuser?)")
@@ -258,7 +266,7 @@ def convert_cmm(cmm: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     ours["gate"] = ours["gate"].reshape(())
     ssm_type = release_ssm_type(cmm)
     s4 = _take(cmm, "s4.")
-    ssm_state, ssm_config = (convert_s4 if ssm_type == "s4" else convert_s4d)(s4)
+    ssm_state, ssm_config = convert_s4(s4, window) if ssm_type == "s4" else convert_s4d(s4)
     ours.update({f"ssm.{k}": v for k, v in ssm_state.items()})
     return ours, ssm_type, ssm_config
 
@@ -341,11 +349,12 @@ def download_release(repo_id: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- conversion
 def convert_release(src, *, lm: str | None = None, vision: str | None = None, tokenizer: str | None = None,
-                    text_only_bypass: bool = True, verbose: bool = True):
+                    text_only_bypass: bool = True, window: int | None = RELEASE_WINDOW, verbose: bool = True):
     """Release directory (or hub id) -> (our model in eval mode, FireboltProcessor, report dict). Writes nothing.
 
     lm / vision / tokenizer override the LFM2 / SigLIP / tokenizer locations the release's config points at.
     text_only_bypass: the release's behaviour for prompts without an image (raw embeddings into LFM2).
+    window: the S4's kernel cut (the release's l_max = 512, exact at every length); None = the untruncated recurrence.
     """
     from transformers import AutoTokenizer
 
@@ -381,7 +390,7 @@ def convert_release(src, *, lm: str | None = None, vision: str | None = None, to
     unknown = sorted(k for k in state if not k.startswith(known))
     if unknown:
         raise ReleaseFormatError(f"{src_path}: unexpected weights {unknown[:3]} (not the release's layout)")
-    cmm, ssm_type, ssm_config = convert_cmm(cmm_state)
+    cmm, ssm_type, ssm_config = convert_cmm(cmm_state, window)
 
     tok_src = tokenizer or (str(src_path) if (src_path / "tokenizer_config.json").is_file() else lm_path)
     try:
@@ -435,13 +444,14 @@ def convert_release(src, *, lm: str | None = None, vision: str | None = None, to
     report = {"source": str(src), "lm": lm_path, "vision": vision_path, "tokenizer": tok_src,
               "fuse_strategy": cfg["fuse_strategy"], "ssm_type": ssm_type, "ssm_config": ssm_config,
               "l_kernel": int(cmm_state["s4.layer.kernel.l_kernel"].reshape(-1)[0]) if ssm_type == "s4" else None,
+              "window": ssm_config.get("window"),
               "image_token_id": image_token_id, "resample": pixels["resample"],
               "dropped": sorted({k.split(".")[0] + "." + k.split(".")[1] for k in state
                                  if k.startswith(UNUSED_PREFIXES)} | ({"text tower"} if any(
                                      k.startswith(VISION_PREFIX + "text_model.") for k in state) else set()))}
     if verbose:
         print(f"converted the release at {src} ({cfg['fuse_strategy']}, {ssm_type} d_state {ssm_config['d_state']}, "
-              f"l_kernel {report['l_kernel']}); <image> = {image_token_id}")
+              f"l_kernel {report['l_kernel']}, window {report['window']}); <image> = {image_token_id}")
     return model.eval(), processor, report
 
 
@@ -455,12 +465,15 @@ def add_convert_release_command_arguments(p):
                    help="tokenizer with the release's <image> token (default: the release dir's, else the LFM2's)")
     p.add_argument("--no-text-only-bypass", action="store_true",
                    help="run text-only prompts through the CMM (ours) instead of straight into LFM2 (the release)")
+    p.add_argument("--no-window", action="store_true",
+                   help="keep the S4's untruncated recurrence instead of the release's 512-tap kernel cut (equal up "
+                        "to 512 tokens, different after)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
 
 def convert_release_command(src: str, output: str, lm: str | None = None, vision: str | None = None,
                             tokenizer: str | None = None, no_text_only_bypass: bool = False,
-                            overwrite: bool = False) -> int:
+                            no_window: bool = False, overwrite: bool = False) -> int:
     """`firebolt-vl convert-release SRC --output DST`: convert, then write DST atomically (nothing on failure)."""
     from .hub import save_model_dir
 
@@ -470,7 +483,8 @@ def convert_release_command(src: str, output: str, lm: str | None = None, vision
     if Path(src).exists() and out.resolve() == Path(src).resolve():
         raise ValueError("--output must differ from the release directory")
     model, processor, report = convert_release(src, lm=lm, vision=vision, tokenizer=tokenizer,
-                                               text_only_bypass=not no_text_only_bypass)
+                                               text_only_bypass=not no_text_only_bypass,
+                                               window=None if no_window else RELEASE_WINDOW)
     save_model_dir(model, processor, out, extra_files={"CONVERSION.json": json.dumps(report, indent=2)})
     n = sum(p.numel() for p in model.parameters())
     print(f"saved {n / 1e6:.1f}M parameters to {out}")

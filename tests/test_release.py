@@ -419,3 +419,51 @@ def test_film_strategy_keeps_one_grid(releases, tmp_path):
     src = _copy_release(releases(ssm="s4", l_kernel=512), tmp_path / "film", fuse_strategy="film")
     model, _, _ = convert_release(src, verbose=False)
     assert model.config.cmm_top_k == 1
+
+
+# ------------------------------------------------------------------------------------------- the 512-tap window
+def test_window_matches_the_release_past_512_tokens(releases):
+    """The release's S4 sees the last 512 inputs only (kernel cut at l_max): the converted model (window 512) equals
+    its forward past 512 tokens too; the untruncated recurrence (--no-window) differs there."""
+    src = releases(ssm="s4", l_kernel=512)
+    model, processor, report = convert_release(src, verbose=False)
+    exact, _, _ = convert_release(src, window=None, verbose=False)
+    assert report["window"] == 512 and model.config.ssm_config == {"d_state": 128, "window": 512}
+    assert "window" not in exact.config.ssm_config
+    question = " ".join(["what color is the shape in the top left quadrant of the picture"] * 30)
+    ids, pixels = release_inputs(src, question, picture())
+    assert ids.shape[1] > 560
+    want = release_logits(src, ids, pixels)
+    with torch.no_grad():
+        got = model(ids, pixel_values=pixels).logits.double()
+        got_exact = exact(ids, pixel_values=pixels).logits.double()
+        model.cmm.ssm.scan_max_tokens = 0  # the parallel (FFT) form as well as the scan
+        got_fft = model(ids, pixel_values=pixels).logits.double()
+    assert (got - want).abs().max() < 1e-4  # the scan (what a CPU uses at batch 1)
+    assert (got_fft - want).abs().max() < 2e-4  # fp32 FFTs of length 2 (512 + T)
+    assert (got_exact - want)[:, :512].abs().max() < 1e-4 and (got_exact - want)[:, 512:].abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("window", [32, 512])
+def test_cached_decoding_equals_the_release_decoding_across_the_window(releases, window):
+    """Greedy decoding with the CMM recurrence (its window buffer in the state) gives the tokens of the release's
+    decoding (use_cache=False: every step recomputes vision, CMM and LFM2 over the whole prefix), the prompt plus
+    answer crossing the window: window 32 with a batch of two left-padded prompts over 64 tokens, and the real
+    window 512 with a 509-token prompt."""
+    src = releases(ssm="s4", l_kernel=512)
+    model, processor, _ = convert_release(src, window=window, verbose=False)
+    img = picture()
+    if window == 32:
+        questions, new = ["What color is the circle?", " ".join(["which shape is on the left side"] * 4)], 64
+    else:
+        questions, new = [" ".join(["what color is the shape in the top left quadrant of the picture"] * 26)], 16
+    enc = processor([processor.build_prompt(q, True) for q in questions], images=[img] * len(questions))
+    lens = enc["attention_mask"].sum(1)
+    # the short prompt fits the window, the long one exceeds it (prefill across it); both answers cross it
+    assert int(lens.min()) < window < int(lens.max()) if window == 32 else int(lens.max()) < 512 < int(lens.max()) + new
+    with torch.no_grad():
+        cached = model.generate(**enc, max_new_tokens=new, ignore_eos=True)
+        recomputed = model.generate(**enc, max_new_tokens=new, ignore_eos=True, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    answers = cached[:, enc["input_ids"].shape[1]:]
+    assert all(len(set(a.tolist())) > 3 for a in answers)
