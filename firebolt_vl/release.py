@@ -214,7 +214,8 @@ def plain_c(dt, lam, p, b, c_stored, n: int) -> torch.Tensor:
     return torch.linalg.solve(M.transpose(-1, -2), c_stored.unsqueeze(-1)).squeeze(-1)  # M^T c^T = c~^T
 
 
-def convert_s4(s4: dict[str, torch.Tensor], window: int | None = RELEASE_WINDOW) -> tuple[dict[str, torch.Tensor], dict]:
+def convert_s4(s4: dict[str, torch.Tensor], window: int | None = RELEASE_WINDOW
+               ) -> tuple[dict[str, torch.Tensor], dict]:
     """Release S4Block tensors (keys under `s4.`) -> our S4Block's state dict and its ssm_config (d_state 4*N2,
     window: the release's 512-tap kernel cut, or None for the untruncated recurrence)."""
     dt, lam, p, b, c_stored, n = release_s4_full_system(s4)

@@ -448,13 +448,13 @@ def test_window_matches_the_release_past_512_tokens(releases):
 def test_cached_decoding_equals_the_release_decoding_across_the_window(releases, window):
     """Greedy decoding with the CMM recurrence (its window buffer in the state) gives the tokens of the release's
     decoding (use_cache=False: every step recomputes vision, CMM and LFM2 over the whole prefix), the prompt plus
-    answer crossing the window: window 32 with a batch of two left-padded prompts over 64 tokens, and the real
+    answer crossing the window: window 32 with a batch of two left-padded prompts over 40 tokens, and the real
     window 512 with a 509-token prompt."""
     src = releases(ssm="s4", l_kernel=512)
     model, processor, _ = convert_release(src, window=window, verbose=False)
     img = picture()
     if window == 32:
-        questions, new = ["What color is the circle?", " ".join(["which shape is on the left side"] * 4)], 64
+        questions, new = ["What color is the circle?", " ".join(["which shape is on the left side"] * 4)], 40
     else:
         questions, new = [" ".join(["what color is the shape in the top left quadrant of the picture"] * 26)], 16
     enc = processor([processor.build_prompt(q, True) for q in questions], images=[img] * len(questions))

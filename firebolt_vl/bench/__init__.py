@@ -3,6 +3,8 @@
     firebolt-vl bench --preset tiny --output runs/bench-tiny              # quick (< 2 min on 2 cores)
     firebolt-vl bench --preset paper --device cpu --output runs/bench     # real shapes, random weights
     firebolt-vl bench --preset paper --device cuda --batch-sizes 1,32 --output runs/bench-gpu
+    firebolt-vl bench --preset release --device cpu --output runs/bench-release   # the release's checkpoint format
+    firebolt-vl bench --model fireboltvl --output runs/bench-model                # a saved model directory
 
 For every variant (Firebolt-VL with recurrent CMM decoding, the authors' no-cache decoding, the prepend design,
 LFM2-VL through transformers, the bare LFM2 decoder) it measures time to first token split into pre-processing,
@@ -21,8 +23,17 @@ import sys
 
 
 def add_bench_arguments(p) -> None:
-    p.add_argument("--preset", default="tiny", choices=["tiny", "paper"],
-                   help="model shapes: tiny (seconds) or paper (SigLIP2-base 256 px + LFM2-350M, random weights)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "paper", "release"],
+                   help="model shapes: tiny (seconds) or paper (SigLIP2-base 256 px + LFM2-350M, random weights); "
+                        "release: the paper's shapes, Firebolt-VL written in the authors' checkpoint format with "
+                        "random weights and converted by convert-release (S4 d_state 128 pair form, 512-tap window); "
+                        "variants default to firebolt,firebolt_nocache")
+    p.add_argument("--model", default=None,
+                   help="bench this saved model directory (e.g. convert-release's output) as firebolt / "
+                        "firebolt_nocache instead of a built one; variants default to firebolt,firebolt_nocache")
+    p.add_argument("--identity-tokens", type=int, default=None,
+                   help="greedy tokens over which the cached decoding must equal the release's recompute decoding, "
+                        "checked once (default: 64 for --preset release / --model, else 0 = off)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="weights/activations dtype (default: fp32 on CPU, bf16 on CUDA)")
@@ -56,7 +67,8 @@ def bench(output: str, preset: str = "tiny", device: str = "auto", dtype: str | 
           new_tokens: int = 256, nocache_tokens: int | None = None, warmup: int = 1, repeats: int = 3,
           threads: int | None = None, int8: bool = False, compile: str = "auto", lockstep: str = "auto", variants=None,
           scaling: bool = True,
-          scaling_lengths=None, scaling_grids=None, seed: int = 0) -> int:
+          scaling_lengths=None, scaling_grids=None, seed: int = 0, model: str | None = None,
+          identity_tokens: int | None = None) -> int:
     """CLI entry: run the benchmark, print a one-line JSON summary last."""
     import os
 
@@ -66,7 +78,8 @@ def bench(output: str, preset: str = "tiny", device: str = "auto", dtype: str | 
     result = run_bench(output=output, preset=preset, device=device, dtype=dtype, batch_sizes=batch_sizes,
                        new_tokens=new_tokens, nocache_tokens=nocache_tokens, warmup=warmup, repeats=repeats,
                        threads=threads, int8=int8, compile=compile, lockstep=lockstep, variants=variants, scaling=scaling,
-                       scaling_lengths=scaling_lengths, scaling_grids=scaling_grids, seed=seed,
+                       scaling_lengths=scaling_lengths, scaling_grids=scaling_grids, seed=seed, model=model,
+                       identity_tokens=identity_tokens,
                        argv=sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "bench" else None)
     print(summary_line(result), flush=True)
     return 0

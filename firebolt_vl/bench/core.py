@@ -87,6 +87,8 @@ def run_bench(
     scaling_lengths=None,
     scaling_grids=None,
     seed: int = 0,
+    model: str | None = None,
+    identity_tokens: int | None = None,
     argv: list[str] | None = None,
 ) -> dict:
     """Run the benchmark; returns the full result dict (also written to OUTPUT/results.json)."""
@@ -113,11 +115,13 @@ def run_bench(
     n_threads = threads or (1 if preset == "tiny" else min(2, os.cpu_count() or 1))
     torch.set_num_threads(n_threads)
     batches = _parse_ints(batch_sizes, "--batch-sizes") or ([1, 32] if dev.type == "cuda" else [1])
-    names = [x for x in (variants.split(",") if isinstance(variants, str) else (variants or VARIANT_NAMES)) if x]
+    default_names = ("firebolt", "firebolt_nocache") if (preset == "release" or model) else VARIANT_NAMES
+    names = [x for x in (variants.split(",") if isinstance(variants, str) else (variants or default_names)) if x]
     unknown = [n for n in names if n not in VARIANT_NAMES]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANT_NAMES)}")
-    slow_nocache = preset == "paper" and dev.type == "cpu"
+    real_shapes = preset in ("paper", "release") or model is not None
+    slow_nocache = real_shapes and dev.type == "cpu"
     n_nocache = nocache_tokens or (16 if slow_nocache else min(new_tokens, 64))
     n_nocache = max(2, min(n_nocache, new_tokens))
     mode = compile
@@ -139,11 +143,14 @@ def run_bench(
          f"new_tokens={new_tokens} (no-cache: {n_nocache}) compile={mode} int8={int8}")
     torch.manual_seed(seed)
     suite = build_suite(preset, dev, dt, names, int8=int8, seed=seed,
-                        progress=lambda n: _log(f"[bench] built {n}"))
+                        progress=lambda n: _log(f"[bench] built {n}"), model_dir=model)
+    # cached vs the release's recompute decoding, token for token (greedy), once: default 64 tokens for the release
+    n_identity = identity_tokens if identity_tokens is not None else (64 if (preset == "release" or model) else 0)
     result = {
         "schema": "firebolt-bench/1",
         "command": "firebolt-vl bench " + " ".join(argv) if argv is not None else None,
         "preset": preset,
+        "model": model,
         "device": str(dev),
         "dtype": dtype_name,
         "threads": n_threads,
@@ -164,7 +171,9 @@ def run_bench(
             "image_px": suite.image.size[0],
             "firebolt_view_geometry": _geometry(suite),
             "seed": seed,
-            "weights": "random (seeded), real shapes for --preset paper: SigLIP2-base 256 px + LFM2-350M",
+            "weights": "random (seeded), real shapes for --preset paper / release: SigLIP2-base 256 px + LFM2-350M"
+                       + ("; release: Firebolt-VL converted from the authors' checkpoint format"
+                          if preset == "release" else ""),
         },
         "build_s": suite.build_s,
         "notes": [],
@@ -185,6 +194,7 @@ def run_bench(
                      "its per-token cost is underestimated; it is also measured late in the answer (prompt + "
                      "new_tokens - 4 tokens of prefix, 4 tokens) and the mean of the two is reported as "
                      "full_answer_per_token_s_estimate (the cost grows about linearly with the prefix).")
+    notes.extend(suite.notes)
     for v in suite.variants.values():
         notes.extend(v.notes)
     if use_lockstep:
@@ -220,6 +230,14 @@ def run_bench(
                 comp = run_variant(v, 1, n, static, max_new_tokens=new_tokens)["tokens"]
                 checks.setdefault(name, {})["compiled_tokens_match_eager"] = bool(torch.equal(eager, comp))
                 checks[name]["compile_s"] = time.perf_counter() - t0
+    if n_identity > 0 and "firebolt" in suite.variants and "firebolt_nocache" in suite.variants:
+        from .runner import check_cached_vs_nocache
+
+        _log(f"[bench] greedy tokens of the cached decoding vs the release's recompute decoding, {n_identity} tokens")
+        checks["cached_vs_nocache"] = check_cached_vs_nocache(suite.variants["firebolt"], n_identity)
+        _log(f"[bench] identical: {checks['cached_vs_nocache']['identical']} "
+             f"(cached {checks['cached_vs_nocache']['cached_s']:.1f} s, "
+             f"recompute {checks['cached_vs_nocache']['nocache_s']:.1f} s)")
     result["consistency"] = checks
 
     # ---- timed runs
@@ -427,7 +445,7 @@ def _targets(result, batches, dev, preset) -> dict:
         note = "no GPU in this run"
         t["gpu_decode_tok_s_batch1"] = _target("gpu_decode_tok_s_batch1", None, note)
         t["gpu_decode_tok_s_batch32"] = _target("gpu_decode_tok_s_batch32", None, note)
-    if preset != "paper":
+    if preset == "tiny":
         for k in ("decode_vs_lfm2", "decode_vs_nocache", "bandwidth_fraction", "ttft_vs_lfm2_vl"):
             t[k]["note"] = "targets are defined for --preset paper; tiny-preset figures are for smoke testing"
     return t
@@ -480,6 +498,8 @@ def summary_line(result: dict) -> str:
         "bandwidth_gbps": result["bandwidth"]["used_gbps"],
         "variants": variants,
         "targets": {k: {"value": v["value"], "target": v["target"], "met": v["met"]} for k, v in result["targets"].items()},
+        "cached_vs_nocache": ({k: result["consistency"]["cached_vs_nocache"][k] for k in ("new_tokens", "identical")}
+                              if "cached_vs_nocache" in result.get("consistency", {}) else None),
         "results": result["results_path"],
         "plots": result["plots"],
         "wall_s": result["wall_s"],

@@ -235,3 +235,23 @@ def check_against_generate(variant, new_tokens: int = 6) -> dict:
         return {"checked": False}
     return {"checked": True, "tokens_match_generate": bool(torch.equal(mine, ref.cpu())), "new_tokens": new_tokens,
             "check_s": time.perf_counter() - t0}
+
+
+def check_cached_vs_nocache(variant, new_tokens: int = 64) -> dict:
+    """Greedy tokens of Firebolt-VL's cached decoding (CMM recurrence + LFM2 cache) against the authors' released
+    decoding (`generate(use_cache=False)`: vision, CMM and the whole prefix recomputed per token), batch 1, EOS ignored,
+    each timed once."""
+    inp = variant.prepare(1)
+    model = variant.model
+    t0 = time.perf_counter()
+    cached = model.generate(**inp, max_new_tokens=new_tokens, ignore_eos=True)[:, -new_tokens:].cpu()
+    t1 = time.perf_counter()
+    nocache = model.generate(**inp, max_new_tokens=new_tokens, ignore_eos=True, use_cache=False)[:, -new_tokens:].cpu()
+    t2 = time.perf_counter()
+    differ = (cached != nocache)[0].nonzero()
+    return {"new_tokens": new_tokens, "prompt_tokens": int(inp["input_ids"].shape[1]),
+            "identical": bool(torch.equal(cached, nocache)),
+            "first_difference": int(differ[0]) if len(differ) else None,
+            "distinct_tokens": len(set(cached[0].tolist())),
+            "cached_s": t1 - t0, "nocache_s": t2 - t1,
+            "note": "each decoding timed once, including its prefill (first token)"}

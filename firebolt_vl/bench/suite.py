@@ -55,9 +55,9 @@ class Preset:
 def make_preset(name: str) -> Preset:
     from ..presets import TINY_CMM, paper_text_config, paper_vision_config, tiny_vision_config
 
-    if name == "paper":
+    if name in ("paper", "release"):  # release: the paper's shapes, Firebolt-VL converted from the release's format
         return Preset(
-            name="paper",
+            name=name,
             vision=paper_vision_config(),
             text=paper_text_config(),
             # the authors' view geometry: 256 px global view + 2x2 tiles of 128 px, 2 px overlap, encoded natively
@@ -79,7 +79,7 @@ def make_preset(name: str) -> Preset:
             vl_tile=128, vl_patch=8, vl_downsample=2, vl_projector_hidden=64,
             vl_min_image_tokens=16, vl_max_image_tokens=64,
         )
-    raise ValueError(f"unknown preset {name!r}: use 'paper' or 'tiny'")
+    raise ValueError(f"unknown preset {name!r}: use 'paper', 'release' or 'tiny'")
 
 
 def bench_image(size: int) -> Image.Image:
@@ -266,6 +266,8 @@ class FireboltVariant(Variant):
             self.model.cmm.film_tables(memory)  # made eagerly, before the compiled step reads them
         if self.model.cmm is not None and callable(getattr(self.model.cmm.ssm, "_step_params", None)):
             self.model.cmm.ssm._step_params()  # the SSM's cached step tensors, likewise
+            if getattr(self.model.cmm.ssm, "window", None):
+                self.model.cmm.ssm._window_dB()  # and the windowed S4's dA^W dB
         out = self.model.language_model(inputs_embeds=embeds, attention_mask=mask,
                                         position_ids=self.model._positions(mask), cache=lm_cache,
                                         use_cache=True, logits_to_keep=1)
@@ -360,6 +362,8 @@ def cmm_step_bytes(cmm: nn.Module) -> int:
         skip |= {id(p) for p in ssm.parameters(recurse=False)}  # raw dynamics: replaced by the cached step tensors
         with torch.no_grad():
             extra = sum(t.numel() * t.element_size() for t in _flatten(step_params()))
+        if getattr(ssm, "window", None):  # the windowed S4's step also reads dA^W dB (its input buffer is state)
+            extra += sum(t.numel() * t.element_size() for t in _flatten(ssm._window_dB()))
     return module_bytes(cmm, exclude=skip) + extra
 
 
@@ -643,8 +647,12 @@ def quantize_int8(parent: nn.Module, names: list[str]) -> None:
 
 
 def build_suite(preset_name: str, device: torch.device, dtype: torch.dtype, names: list[str], int8: bool = False,
-                seed: int = 0, progress=None) -> Suite:
-    """Build the requested variants with random weights (seeded) at the preset's shapes."""
+                seed: int = 0, progress=None, model_dir: str | None = None) -> Suite:
+    """Build the requested variants with random weights (seeded) at the preset's shapes.
+
+    Firebolt-VL (firebolt, firebolt_nocache) comes from `model_dir` when given (a saved model directory, e.g. the
+    output of convert-release); with preset "release" from a release-format checkpoint of random weights at the real
+    shapes, converted by `convert_release` (see bench/release_model.py); else it is built from the preset's config."""
     import time
 
     from transformers import AutoConfig, AutoModelForCausalLM, Lfm2VlConfig, Lfm2VlForConditionalGeneration
@@ -688,9 +696,27 @@ def build_suite(preset_name: str, device: torch.device, dtype: torch.dtype, name
                        lambda m: [(m, ["language_model", "cmm" if m.cmm is not None else "projector"])])
         return model, FireboltProcessor.from_config(cfg, tok)
 
+    def converted():
+        if model_dir is not None:
+            from ..hub import load_model_dir
+
+            model, proc = load_model_dir(model_dir)
+            suite.notes.append(f"firebolt / firebolt_nocache: the model directory {model_dir}")
+        else:
+            from .release_model import build_release_model
+
+            model, proc, report = build_release_model(text, dict(preset.vision), tok, seed)
+            suite.notes.append(
+                "firebolt / firebolt_nocache: random weights written in the authors' release format at its shapes "
+                f"(SigLIP2-base 256 px, LFM2-350M, CMM 4x32 top-k 4, S4 d_state 64 with C~ and l_kernel 512), "
+                f"converted by firebolt_vl.release.convert_release: {report['ssm_type']} "
+                f"ssm_config {report['ssm_config']}, native views")
+        return finish(model, lambda m: [(m, ["language_model", "cmm" if m.cmm is not None else "projector"])]), proc
+
     fb = None
     if "firebolt" in names or "firebolt_nocache" in names:
-        model, proc = timed("firebolt", lambda: firebolt("cmm"))
+        from_release = model_dir is not None or preset.name == "release"
+        model, proc = timed("firebolt", converted if from_release else (lambda: firebolt("cmm")))
         fb = FireboltVariant("firebolt", model, proc, image, QUESTION, device, dtype)
         if "firebolt" in names:
             suite.variants["firebolt"] = fb
