@@ -197,7 +197,7 @@ def _tiny_release_model(tmp_path=None):
     tok = bench_tokenizer()
     text = tiny_text_config(len(tok) + 1, tokenizer=tok, initializer_range=0.5)
     vision = tiny_vision_config("siglip", image_size=256, patch=32)
-    return build_release_model(text, vision, tok, seed=0)
+    return build_release_model(text, vision, tok, seed=0, check_tokens=520)
 
 
 def test_release_shaped_model_cached_equals_recompute_decoding():
@@ -209,6 +209,9 @@ def test_release_shaped_model_cached_equals_recompute_decoding():
     model, proc, report = _tiny_release_model()
     cfg = model.config
     assert report["l_kernel"] == 512 and cfg.ssm_config == {"d_state": 128, "window": 512}
+    check = report["s4_check"]  # the converted S4 vs the release's S4 (float64, dense), 520 tokens: past the window
+    assert check["tokens"] == 520 and check["max_abs_err_past_window"] < 1e-4
+    assert check["max_abs_err"] < 1e-4 < check["output_scale"]
     assert (cfg.cmm_heads, cfg.cmm_head_dim, cfg.cmm_top_k, cfg.view_size, cfg.tile_size) == (4, 32, 4, None, 128)
     variant = FireboltVariant("firebolt", model, proc, bench_image(256), QUESTION, torch.device("cpu"), torch.float32)
     check = check_cached_vs_nocache(variant, 64)

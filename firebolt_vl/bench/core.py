@@ -238,6 +238,8 @@ def run_bench(
         _log(f"[bench] identical: {checks['cached_vs_nocache']['identical']} "
              f"(cached {checks['cached_vs_nocache']['cached_s']:.1f} s, "
              f"recompute {checks['cached_vs_nocache']['nocache_s']:.1f} s)")
+    if suite.release_check is not None:
+        checks["release_s4_exact"] = suite.release_check
     result["consistency"] = checks
 
     # ---- timed runs

@@ -118,15 +118,53 @@ def write_release_dir(root: Path, text: dict, vision: dict, tokenizer, seed: int
     return src
 
 
-def build_release_model(text: dict, vision: dict, tokenizer, seed: int = 0):
-    """(converted model in eval mode, processor, conversion report) of a release-shaped random checkpoint."""
-    from ..release import convert_release
+def release_s4_reference(s4: dict[str, torch.Tensor], u: torch.Tensor, window: int = 512) -> torch.Tensor:
+    """The release S4Block's pre-activation K * u + D u in float64, from its stored tensors: the full 2*N2 system
+    (dense), plain c recovered from C~, the kernel cut at `window` taps, direct convolution. u (B, L, H)."""
+    from ..release import dense_bilinear, plain_c, release_s4_full_system
+
+    dt, lam, p, b, c_stored, n = release_s4_full_system(s4)
+    c = plain_c(dt, lam, p, b, c_stored, n)  # (H, 2N2)
+    dA, v = dense_bilinear(dt, lam, p, b)
+    L = u.shape[1]
+    y = s4["layer.D"].double().reshape(-1) * u.double()
+    for k in range(min(window, L)):
+        y[:, k:] += (c * v).sum(-1).real * u[:, : L - k].double()  # tap k = c dA^k dB (real: conjugate halves)
+        v = torch.einsum("hnm,hm->hn", dA, v)
+    return y
+
+
+def s4_exactness(model, s4: dict[str, torch.Tensor], length: int = 600, seed: int = 0) -> dict:
+    """Max abs difference between the converted S4 (its scan, as a CPU decodes at batch 1) and the release's S4 in
+    float64 (`release_s4_reference`) on random inputs longer than the window."""
+    ssm = model.cmm.ssm
+    u = torch.randn(1, length, ssm.d_model, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        got, _ = ssm(u)
+        want = ssm._output(release_s4_reference(s4, u, ssm.window or length).float())
+        err = (got - want).abs()
+    return {"tokens": length, "window": ssm.window, "max_abs_err": float(err.max()),
+            "max_abs_err_past_window": float(err[:, ssm.window:].max()) if ssm.window and length > ssm.window else None,
+            "output_scale": float(want.abs().max())}
+
+
+def build_release_model(text: dict, vision: dict, tokenizer, seed: int = 0, check_tokens: int = 600):
+    """(converted model in eval mode, processor, conversion report) of a release-shaped random checkpoint. The report
+    gains `s4_check`: the converted S4 against the release's S4 in float64 over `check_tokens` tokens (0 = skip)."""
+    from safetensors import safe_open
+
+    from ..release import CMM_PREFIX, convert_release
 
     with tempfile.TemporaryDirectory(prefix="firebolt-release-bench-") as tmp:
         src = write_release_dir(Path(tmp), text, vision, tokenizer, seed)
         model, processor, report = convert_release(src, verbose=False)
+        with safe_open(str(src / "model.safetensors"), "pt") as f:
+            s4 = {k[len(CMM_PREFIX) + 3:]: f.get_tensor(k) for k in f.keys() if k.startswith(CMM_PREFIX + "s4.")}
     report = {k: v for k, v in report.items() if k not in ("source", "lm", "vision", "tokenizer")}  # temporary paths
+    if check_tokens:
+        report["s4_check"] = s4_exactness(model, s4, check_tokens, seed)
     return model, processor, report
 
 
-__all__ = ["build_release_model", "write_release_dir", "release_cmm_tensors", "release_s4_tensors"]
+__all__ = ["build_release_model", "write_release_dir", "release_cmm_tensors", "release_s4_tensors",
+           "release_s4_reference", "s4_exactness"]

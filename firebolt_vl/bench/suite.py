@@ -625,6 +625,7 @@ class Suite:
     dtype: torch.dtype
     build_s: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    release_check: dict | None = None  # preset release: the converted S4 against the release's, float64
 
 
 def quantize_int8(parent: nn.Module, names: list[str]) -> None:
@@ -711,6 +712,7 @@ def build_suite(preset_name: str, device: torch.device, dtype: torch.dtype, name
                 f"(SigLIP2-base 256 px, LFM2-350M, CMM 4x32 top-k 4, S4 d_state 64 with C~ and l_kernel 512), "
                 f"converted by firebolt_vl.release.convert_release: {report['ssm_type']} "
                 f"ssm_config {report['ssm_config']}, native views")
+            suite.release_check = report.get("s4_check")
         return finish(model, lambda m: [(m, ["language_model", "cmm" if m.cmm is not None else "projector"])]), proc
 
     fb = None
