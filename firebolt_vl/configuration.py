@@ -35,7 +35,10 @@ class FireboltConfig(PreTrainedConfig):
         cmm_grid_embeddings (`bool`, defaults to `False`): add a learned embedding per grid to X_v inside the CMM, so
             the visual context tells which view (global, which tile) it came from. Not in the paper (off = the paper).
         ssm_type (`str`, defaults to `"s4"`): `s4`, `s4d` or `mamba`.
-        ssm_config (`dict`): extra keyword arguments of the SSM (e.g. `{"d_state": 64}`).
+        ssm_config (`dict`): extra keyword arguments of the SSM (e.g. `{"d_state": 64}`). The S4 also takes `window`
+            (int W): its kernel cut at W taps, so token t sees the last W inputs only, as in the authors' release
+            (W = 512; convert-release sets it); absent / None = the exact, untruncated recurrence. Decoding stays
+            O(1) per token either way (windowed: a second rank-1 update and a buffer of the last W inputs).
         num_queries (`int`, defaults to 8): learned queries of the `cross_attention` baseline.
         image_size (`int`, defaults to 256): the processor resizes every image to image_size x image_size.
         grid_rows, grid_cols (`int`, defaults to 2): tiling of the resized image.
