@@ -4,6 +4,13 @@ Top-level names are imported lazily so that light commands (`firebolt-vl score`,
 """
 
 import importlib
+import logging
+
+# torchao (weight quantization) logs at import every CUDA kernel library it cannot load, and torch then warns about
+# its pytree registrations; transformers imports torchao whenever it is installed, so without this every command would
+# print those lines on a CPU machine (and a one-line error would not be one line). Errors still show.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
