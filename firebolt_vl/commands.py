@@ -97,6 +97,9 @@ def add_generate_arguments(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16")
+    p.add_argument("--quantize", default=None, choices=["none", "int8", "int4"],
+                   help="weight-only quantization of the decoder and the CMM (torchao): none, int8, int4 "
+                        "(default: as the model directory records, else none)")
 
 
 def generate(
@@ -110,14 +113,15 @@ def generate(
     device: str = "auto",
     dtype: str | None = None,
     adapter: str | None = None,
+    quantize: str | None = None,
 ) -> int:
     """Print the model's answer to `prompt` about `image`."""
-    print(answer(model, prompt, image, max_new_tokens, temperature, top_p, seed, device, dtype, adapter))
+    print(answer(model, prompt, image, max_new_tokens, temperature, top_p, seed, device, dtype, adapter, quantize))
     return 0
 
 
 def answer(model_dir, prompt, image=None, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, device="auto", dtype=None,
-           adapter=None) -> str:
+           adapter=None, quantize=None) -> str:
     import torch
 
     from .hub import load_model_dir, parse_dtype, resolve_device
@@ -125,7 +129,7 @@ def answer(model_dir, prompt, image=None, max_new_tokens=64, temperature=0.0, to
 
     pil = load_image(image) if image is not None else None  # bad images fail before the model loads
     dev = resolve_device(device)
-    model, processor = load_model_dir(model_dir, dev, parse_dtype(dtype), adapter=adapter)
+    model, processor = load_model_dir(model_dir, dev, parse_dtype(dtype), adapter=adapter, quantize=quantize)
     if pil is not None:
         pil = load_image(pil, processor.max_image_pixels)
     inputs = processor(processor.build_prompt(prompt, pil is not None), images=pil)

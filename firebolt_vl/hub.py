@@ -22,8 +22,17 @@ class ModelDirError(ValueError):
     """A directory that does not hold a usable Firebolt-VL model; the message says what is missing or wrong."""
 
 
-def save_model_dir(model, processor: FireboltProcessor | None, directory, extra_files: dict[str, str] | None = None) -> Path:
-    """Write model (+ processor) into `directory` atomically; returns the path."""
+def save_model_dir(model, processor: FireboltProcessor | None, directory, extra_files: dict[str, str] | None = None,
+                   quantize: str | None = None) -> Path:
+    """Write model (+ processor) into `directory` atomically; returns the path. `quantize` ('int8' | 'int4'):
+    record that the model is to be quantized at load (quantization.json; the weights stay in floating point)."""
+    from .quantize import QUANT_FILE, check_mode, is_quantized, record
+
+    if is_quantized(model):
+        raise ModelDirError("a quantized model is saved as its floating-point weights + the mode: save the model "
+                            "before quantize_model, with save_model_dir(..., quantize=MODE)")
+    if check_mode(quantize) != "none":
+        extra_files = {**(extra_files or {}), QUANT_FILE: record(quantize)}
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
@@ -82,10 +91,23 @@ def check_model_dir(directory) -> Path:
     return directory
 
 
-def load_model_dir(directory, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, adapter=None):
+def load_model_dir(directory, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, adapter=None,
+                   quantize: str | None = None):
     """(model in eval mode on device, processor) from a saved directory, with clear errors for bad directories.
     `adapter`: a LoRA adapter directory (firebolt_vl.adapters) applied on top, checked against the base weights;
-    directory may then be None (the adapter's recorded base)."""
+    directory may then be None (the adapter's recorded base).
+    `quantize`: 'none' | 'int8' | 'int4' weight-only quantization of the decoder and the CMM (firebolt_vl.quantize);
+    None: as the directory records (quantization.json), else none."""
+    from .quantize import check_mode, quantize_model, read_mode
+
+    mode = check_mode(quantize) if quantize is not None else None
+    model, processor = _load_model_dir(directory, device, dtype, adapter)
+    if mode is None:
+        mode = read_mode(directory) if directory is not None and Path(directory).is_dir() else "none"
+    return quantize_model(model, mode), processor
+
+
+def _load_model_dir(directory, device, dtype, adapter):
     from .modeling import FireboltForConditionalGeneration
 
     if adapter is None and directory is not None and (Path(directory) / "adapter_config.json").is_file() and not (

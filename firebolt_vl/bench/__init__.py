@@ -47,6 +47,10 @@ def add_bench_arguments(p) -> None:
                    help="torch CPU threads (default: 1 for tiny, min(2, cores) for paper; on a busy shared machine 1 "
                         "is often faster)")
     p.add_argument("--int8", action="store_true", help="CPU: int8 weights (dynamic quantization of every nn.Linear)")
+    p.add_argument("--quantize", default=None,
+                   help="comma-separated weight-only modes (torchao) among none,int8,int4: the Firebolt-VL model is "
+                        "also benchmarked quantized, as variants firebolt_int8 / firebolt_int4 decoded side by side "
+                        "with the unquantized firebolt; targets int8_decode_vs_fp / int4_decode_vs_fp")
     p.add_argument("--compile", default="auto",
                    choices=["auto", "off", "static", "default", "reduce-overhead", "max-autotune"],
                    help="static cache + torch.compile(mode) of the decoding step; 'static': static cache, no compile "
@@ -68,7 +72,7 @@ def bench(output: str, preset: str = "tiny", device: str = "auto", dtype: str | 
           threads: int | None = None, int8: bool = False, compile: str = "auto", lockstep: str = "auto", variants=None,
           scaling: bool = True,
           scaling_lengths=None, scaling_grids=None, seed: int = 0, model: str | None = None,
-          identity_tokens: int | None = None) -> int:
+          identity_tokens: int | None = None, quantize=None) -> int:
     """CLI entry: run the benchmark, print a one-line JSON summary last."""
     import os
 
@@ -79,7 +83,7 @@ def bench(output: str, preset: str = "tiny", device: str = "auto", dtype: str | 
                        new_tokens=new_tokens, nocache_tokens=nocache_tokens, warmup=warmup, repeats=repeats,
                        threads=threads, int8=int8, compile=compile, lockstep=lockstep, variants=variants, scaling=scaling,
                        scaling_lengths=scaling_lengths, scaling_grids=scaling_grids, seed=seed, model=model,
-                       identity_tokens=identity_tokens,
+                       identity_tokens=identity_tokens, quantize=quantize,
                        argv=sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "bench" else None)
     print(summary_line(result), flush=True)
     return 0

@@ -30,6 +30,8 @@ TARGETS = {
     "gpu_decode_tok_s_batch1": (">=", 10 * PAPER_TOK_S, "GPU decode tokens/s at batch 1 (10x the paper's 46.67)"),
     "gpu_decode_tok_s_batch32": ("report", None, "GPU decode throughput at batch 32 (tokens/s, all rows)"),
     "tiny_wall_s": ("<=", 120.0, "wall time of a --preset tiny run (2 cores)"),
+    "int8_decode_vs_fp": (">=", 1.8, "Firebolt-VL int8 weight-only decode tokens/s / the same model unquantized"),
+    "int4_decode_vs_fp": ("report", None, "Firebolt-VL int4 weight-only decode tokens/s / the same model unquantized"),
 }
 
 
@@ -89,6 +91,7 @@ def run_bench(
     seed: int = 0,
     model: str | None = None,
     identity_tokens: int | None = None,
+    quantize=None,
     argv: list[str] | None = None,
 ) -> dict:
     """Run the benchmark; returns the full result dict (also written to OUTPUT/results.json)."""
@@ -117,6 +120,12 @@ def run_bench(
     batches = _parse_ints(batch_sizes, "--batch-sizes") or ([1, 32] if dev.type == "cuda" else [1])
     default_names = ("firebolt", "firebolt_nocache") if (preset == "release" or model) else VARIANT_NAMES
     names = [x for x in (variants.split(",") if isinstance(variants, str) else (variants or default_names)) if x]
+    from ..quantize import check_mode
+
+    quant = [check_mode(q) for q in (quantize.split(",") if isinstance(quantize, str) else (quantize or ())) if q]
+    quant = [q for i, q in enumerate(quant) if q != "none" and q not in quant[:i]]  # firebolt itself is the float one
+    if quant and "firebolt" not in names:
+        raise ValueError("--quantize adds quantized copies of the firebolt variant: keep firebolt in --variants")
     unknown = [n for n in names if n not in VARIANT_NAMES]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANT_NAMES)}")
@@ -140,10 +149,10 @@ def run_bench(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     _log(f"[bench] preset={preset} device={dev} dtype={dtype_name} threads={n_threads} batches={batches} "
-         f"new_tokens={new_tokens} (no-cache: {n_nocache}) compile={mode} int8={int8}")
+         f"new_tokens={new_tokens} (no-cache: {n_nocache}) compile={mode} int8={int8} quantize={quant}")
     torch.manual_seed(seed)
     suite = build_suite(preset, dev, dt, names, int8=int8, seed=seed,
-                        progress=lambda n: _log(f"[bench] built {n}"), model_dir=model)
+                        progress=lambda n: _log(f"[bench] built {n}"), model_dir=model, quantize=quant)
     # cached vs the release's recompute decoding, token for token (greedy), once: default 64 tokens for the release
     n_identity = identity_tokens if identity_tokens is not None else (64 if (preset == "release" or model) else 0)
     result = {
@@ -155,6 +164,7 @@ def run_bench(
         "dtype": dtype_name,
         "threads": n_threads,
         "int8": bool(int8),
+        "quantize": quant,
         "compile": mode,
         "cuda_graphs": mode == "reduce-overhead" and dev.type == "cuda",
         "decode_timing": "lockstep" if use_lockstep else "solo",
@@ -217,7 +227,7 @@ def run_bench(
 
     # ---- correctness of the benchmark loops (and compile warm-up)
     checks = {}
-    for name in ("firebolt", "prepend", "lfm2"):
+    for name in ("firebolt", "prepend", "lfm2", *(f"firebolt_{q}" for q in quant)):
         if name in suite.variants:
             checks[name] = check_against_generate(suite.variants[name], min(6, new_tokens))
     if static is not None:
@@ -366,6 +376,17 @@ def run_bench(
             entry["batches"][str(b)] = e
         result["variants"][n] = entry
 
+    # greedy tokens of each quantized copy against the unquantized model (same prompt, first timed run, batch 1)
+    if quant and 1 in batches and records["firebolt"][1]:
+        ref = records["firebolt"][1][0]["tokens"][0]
+        result["quantized_tokens"] = {}
+        for q in quant:
+            mine = records[f"firebolt_{q}"][1][0]["tokens"][0]
+            differ = (mine != ref).nonzero()
+            result["quantized_tokens"][q] = {"equal_share": float((mine == ref).float().mean()),
+                                             "first_difference": int(differ[0]) if len(differ) else None,
+                                             "new_tokens": int(ref.numel())}
+
     # ---- scaling sweeps
     if scaling and any(n in suite.variants for n in ("firebolt", "prepend", "lfm2_vl")):
         from .scaling import run_scaling
@@ -438,6 +459,17 @@ def _targets(result, batches, dev, preset) -> dict:
         t["ttft_vs_lfm2_vl"]["with_preprocess"] = _ratio(_b1(result, "firebolt", "ttft_with_preprocess_s"),
                                                          _b1(result, "lfm2_vl", "ttft_with_preprocess_s"))
         t["ttft_vs_lfm2_vl"]["paired_median"] = _paired(result, "firebolt", "lfm2_vl", "ttft_s")
+    for q in ("int8", "int4"):
+        if f"firebolt_{q}" in result["variants"]:
+            t[f"{q}_decode_vs_fp"] = _target(f"{q}_decode_vs_fp", _ratio(_b1(result, f"firebolt_{q}"), fb),
+                                             "same model, decoded in lockstep with the unquantized one" if
+                                             result["decode_timing"] == "lockstep" else None)
+            t[f"{q}_decode_vs_fp"]["paired_median"] = _paired(result, f"firebolt_{q}", "firebolt")
+            t[f"{q}_decode_vs_fp"]["median_step"] = _ratio(_b1(result, f"firebolt_{q}", "decode_tok_s_median_step"),
+                                                         _b1(result, "firebolt", "decode_tok_s_median_step"))
+            t[f"{q}_decode_vs_fp"]["bound_ratio"] = _ratio(_b1(result, f"firebolt_{q}", "bound_tok_s"),
+                                                         _b1(result, "firebolt", "bound_tok_s"))
+            t[f"{q}_decode_vs_fp"]["greedy_tokens_equal_fp"] = result.get("quantized_tokens", {}).get(q)
     if dev.type == "cuda":
         t["gpu_decode_tok_s_batch1"] = _target("gpu_decode_tok_s_batch1", fb)
         b32 = result["variants"].get("firebolt", {}).get("batches", {}).get("32")

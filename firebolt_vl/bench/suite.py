@@ -109,6 +109,12 @@ def _is_dynamic_quantized_linear(m: nn.Module) -> bool:
     return type(m).__name__ == "DynamicQuantizedLinear" or type(m).__module__.startswith("torch.ao.nn.quantized")
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    from ..quantize import tensor_bytes as stored
+
+    return stored(t)
+
+
 def module_bytes(module: nn.Module, exclude: set[int] | None = None) -> int:
     """Bytes of the weights of `module` (parameters, and the packed weights of dynamically quantized Linear layers),
     each tensor counted once, skipping tensors whose id() is in `exclude`."""
@@ -118,7 +124,7 @@ def module_bytes(module: nn.Module, exclude: set[int] | None = None) -> int:
         for p in m.parameters(recurse=False):
             if id(p) not in seen:
                 seen.add(id(p))
-                total += p.numel() * p.element_size()
+                total += tensor_bytes(p)  # torchao quantized weights: integer data + scales
         if _is_dynamic_quantized_linear(m) and hasattr(m, "weight") and callable(m.weight):
             w = m.weight()
             total += w.numel() * w.element_size() + m.out_features * 4  # int8 weight + fp32 bias
@@ -648,12 +654,14 @@ def quantize_int8(parent: nn.Module, names: list[str]) -> None:
 
 
 def build_suite(preset_name: str, device: torch.device, dtype: torch.dtype, names: list[str], int8: bool = False,
-                seed: int = 0, progress=None, model_dir: str | None = None) -> Suite:
+                seed: int = 0, progress=None, model_dir: str | None = None, quantize=()) -> Suite:
     """Build the requested variants with random weights (seeded) at the preset's shapes.
 
     Firebolt-VL (firebolt, firebolt_nocache) comes from `model_dir` when given (a saved model directory, e.g. the
     output of convert-release); with preset "release" from a release-format checkpoint of random weights at the real
-    shapes, converted by `convert_release` (see bench/release_model.py); else it is built from the preset's config."""
+    shapes, converted by `convert_release` (see bench/release_model.py); else it is built from the preset's config.
+    `quantize` ('int8', 'int4'): the same Firebolt-VL model, weight-only quantized (firebolt_vl.quantize), added as
+    variants firebolt_int8 / firebolt_int4 next to the floating-point `firebolt`."""
     import time
 
     from transformers import AutoConfig, AutoModelForCausalLM, Lfm2VlConfig, Lfm2VlForConditionalGeneration
@@ -724,6 +732,16 @@ def build_suite(preset_name: str, device: torch.device, dtype: torch.dtype, name
             suite.variants["firebolt"] = fb
         if "firebolt_nocache" in names:
             suite.variants["firebolt_nocache"] = FireboltNoCacheVariant(fb)
+        for mode in quantize:
+            import copy
+
+            from ..quantize import quantize_model
+
+            name = f"firebolt_{mode}"
+            qmodel = timed(name, lambda: quantize_model(copy.deepcopy(fb.model), mode))
+            suite.variants[name] = FireboltVariant(name, qmodel, fb.processor, image, QUESTION, device, dtype)
+            suite.variants[name].description += f"; {mode} weight-only (torchao) decoder + CMM"
+            names = [*names, name] if name not in names else names
     if "prepend" in names:
         model, proc = timed("prepend", lambda: firebolt("prepend"))
         suite.variants["prepend"] = FireboltVariant("prepend", model, proc, image, QUESTION, device, dtype)

@@ -20,6 +20,9 @@ def add_eval_command_arguments(p):
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default 32)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as saved)")
+    p.add_argument("--quantize", default=None, choices=["none", "int8", "int4"],
+                   help="weight-only quantization of the decoder and the CMM (torchao): none, int8, int4 "
+                        "(default: as the model directory records, else none)")
     p.add_argument("--output", required=True, help="folder for predictions.jsonl, scores.json and run.json")
     p.add_argument("--overwrite", action="store_true",
                    help="discard earlier predictions in --output instead of resuming")
@@ -40,6 +43,7 @@ def eval_command(
     overwrite: bool = False,
     quiet: bool = False,
     adapter: str | None = None,
+    quantize: str | None = None,
 ) -> int:
     """Evaluate a model directory on a benchmark; predictions and scores go to `output`, the table to stdout."""
     from ..hub import check_model_dir, load_model_dir, parse_dtype, resolve_device
@@ -56,7 +60,7 @@ def eval_command(
     check_model_dir(model)  # cheap checks first: model folder and data fail before any loading
     items = load_benchmark(benchmark, data, split=split, limit=limit)
     dev = resolve_device(device)
-    net, processor = load_model_dir(model, dev, parse_dtype(dtype), adapter=adapter)
+    net, processor = load_model_dir(model, dev, parse_dtype(dtype), adapter=adapter, quantize=quantize)
     model_id = os.path.abspath(model) + (f"+{os.path.abspath(adapter)}" if adapter else "")
     result = evaluate(net, processor, benchmark, data, output, split=split, limit=limit, batch_size=batch_size,
                       max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS, items=items,

@@ -12,12 +12,15 @@ def _model_arguments(p) -> None:
     p.add_argument("--adapter", default=None, help="LoRA adapter directory applied on top of --model")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as saved)")
+    p.add_argument("--quantize", default=None, choices=["none", "int8", "int4"],
+                   help="weight-only quantization of the decoder and the CMM (torchao): none, int8, int4 "
+                        "(default: as the model directory records, else none)")
 
 
-def _load(model: str, device: str, dtype: str | None, adapter: str | None = None):
+def _load(model: str, device: str, dtype: str | None, adapter: str | None = None, quantize: str | None = None):
     from ..hub import load_model_dir, parse_dtype, resolve_device
 
-    return load_model_dir(model, resolve_device(device), parse_dtype(dtype), adapter=adapter)
+    return load_model_dir(model, resolve_device(device), parse_dtype(dtype), adapter=adapter, quantize=quantize)
 
 
 # ---- serve ----
@@ -64,6 +67,7 @@ def serve(
     device: str = "auto",
     dtype: str | None = None,
     adapter: str | None = None,
+    quantize: str | None = None,
     served_model_name: str | None = None,
     api_key: str | None = None,
     allowed_dir: str | None = None,
@@ -127,7 +131,7 @@ def serve(
     from ..hub import check_model_dir
 
     check_model_dir(model)  # a missing or wrong directory fails now, with one line, not after the server started
-    app = create_app(config=config, loader=lambda: _load(model, device, dtype, adapter))
+    app = create_app(config=config, loader=lambda: _load(model, device, dtype, adapter, quantize))
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: listening on {host} without an API key", file=sys.stderr)
     print(f"serving {config.model_name!r} at http://{host}:{port}/v1 once loaded (/health says when; Ctrl-C drains "
@@ -158,6 +162,7 @@ def chat(
     device: str = "auto",
     dtype: str | None = None,
     adapter: str | None = None,
+    quantize: str | None = None,
 ) -> int:
     """Interactive multi-turn chat in the terminal, answers streamed as they are generated."""
     from .chat import ChatSession, run_chat
@@ -166,7 +171,7 @@ def chat(
         raise FileNotFoundError(f"image file not found: {image}")
     if max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
-    loaded, processor = _load(model, device, dtype, adapter)
+    loaded, processor = _load(model, device, dtype, adapter, quantize)
     session = ChatSession(loaded, processor, image, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seed=seed, system=system)
     return run_chat(session)
@@ -192,6 +197,7 @@ def explain(
     device: str = "auto",
     dtype: str | None = None,
     adapter: str | None = None,
+    quantize: str | None = None,
 ) -> int:
     """Draw the CMM's token-to-grid weights over the image, per prompt word and overall."""
     import json as json_module
@@ -201,7 +207,7 @@ def explain(
 
     if not Path(image).is_file():
         raise FileNotFoundError(f"image file not found: {image}")
-    loaded, processor = _load(model, device, dtype, adapter)
+    loaded, processor = _load(model, device, dtype, adapter, quantize)
     require_cmm(loaded)
     pil = load_image(image, processor.max_image_pixels)
     result = explain_weights(loaded, processor, pil, prompt)
