@@ -240,12 +240,27 @@ def model_fingerprint(model) -> str:
 
     h = hashlib.sha1()
     with torch.no_grad():
-        for name, t in model.state_dict().items():
+        for name, t in _plain_tensors(model.state_dict()):
             flat = t.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // _FINGERPRINT_SAMPLES)][:_FINGERPRINT_SAMPLES].cpu().contiguous()
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
             h.update(sample.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _plain_tensors(state: dict):
+    """(name, tensor) pairs with torchao's quantized weights (firebolt_vl.quantize) split into their stored parts
+    (integer data, scales, zero points), which are ordinary tensors."""
+    import torch
+
+    for name, t in state.items():
+        parts = getattr(t, "tensor_data_names", None)
+        if parts:
+            for part in (*parts, *getattr(t, "optional_tensor_data_names", ())):
+                if isinstance(getattr(t, part, None), torch.Tensor):
+                    yield f"{name}.{part}", getattr(t, part)
+        else:
+            yield name, t
 
 
 def _model_identity(model) -> Optional[str]:
