@@ -112,7 +112,7 @@ def test_dpo_loss_against_hand_computation_on_a_fixed_batch(tiny):
     expected = [-math.log(1 / (1 + math.exp(-beta * ((policy[i] - ref[i]) - (policy[i + 2] - ref[i + 2])))))
                 for i in range(2)]
     loss, stats = pair_step(model, lambda b: torch.tensor(ref, dtype=torch.float32), batch, beta)
-    assert abs(float(loss) - sum(expected)) < 1e-4, (float(loss), expected)
+    assert abs(float(loss.detach()) - sum(expected)) < 1e-4, (float(loss.detach()), expected)
     # rewards: beta * (policy - ref): chosen -0.15 and 0.25, rejected 0.05 and -0.05
     assert abs(stats["chosen_reward"] - 0.5 * (-0.3 + 0.2)) < 1e-4
     assert abs(stats["rejected_reward"] - 0.5 * (0.5 - 0.1)) < 1e-4
