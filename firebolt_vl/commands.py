@@ -58,7 +58,7 @@ def build(
 
     from .hub import save_model_dir
     from .modeling import FireboltForConditionalGeneration
-    from .presets import TINY_CMM, build_tiny
+    from .presets import build_tiny
 
     try:
         rows, cols = (int(x) for x in grid.lower().split("x"))

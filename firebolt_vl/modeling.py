@@ -19,7 +19,7 @@ Decoding keeps, next to the decoder's own cache, the image's correlation keys/va
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

@@ -6,7 +6,6 @@ The `paper` shapes (SigLIP2-base at 256 px + LFM2-350M) are available as configs
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch

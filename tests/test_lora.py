@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +10,13 @@ from PIL import Image
 
 from firebolt_vl.adapters import (
     AdapterError,
-    add_lora,
     adapters_disabled,
+    add_lora,
     load_model_with_adapter,
     merge_lora,
     save_adapter,
 )
+from firebolt_vl.testing import run_train_cli
 from firebolt_vl.train.recipe import LoraSpec, RecipeError, StageConfig, from_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,11 +168,6 @@ def test_adapter_errors(tmp_path, base_dir):
     assert not (tmp_path / "x").exists()
 
 
-def _run_cli(args, env_extra=None):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FIREBOLT_VL_DEBUG": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "firebolt_vl.cli", "train", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
-
 
 def test_lora_sigkill_and_resume_matches_uninterrupted_run(tmp_path, base_dir):
     from safetensors.torch import load_file
@@ -195,17 +189,17 @@ def test_lora_sigkill_and_resume_matches_uninterrupted_run(tmp_path, base_dir):
     path = tmp_path / "kill.yaml"
     path.write_text(json.dumps(recipe))
     common = ["--recipe", str(path), "--model", str(base_dir), "--data-root", str(tmp_path / "data")]
-    ref = _run_cli(common + ["--output", str(tmp_path / "ref")])
+    ref = run_train_cli(common + ["--output", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert "trainable parameters" in ref.stdout and "optimizer state" in ref.stdout
-    killed = _run_cli(common + ["--output", str(tmp_path / "run")], {"FIREBOLT_TRAIN_FAULT": "kill_after_step=3"})
+    killed = run_train_cli(common + ["--output", str(tmp_path / "run")], {"FIREBOLT_TRAIN_FAULT": "kill_after_step=3"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     from firebolt_vl.train import checkpoint as ckpt
 
     last = ckpt.latest_checkpoint(tmp_path / "run" / "only" / "checkpoints")
     assert last.name == "step-00000002"  # step 3 is lost and redone
     assert (last / "adapter_model.safetensors").is_file() and not (last / "model.safetensors").exists()
-    resumed = _run_cli(common + ["--output", str(tmp_path / "run"), "--resume"])
+    resumed = run_train_cli(common + ["--output", str(tmp_path / "run"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
 

@@ -1,9 +1,6 @@
 """Trainer tests: label masking, batching, parameter groups, recipes, data order, overfitting, checkpoints, resume."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from firebolt_vl.testing import run_train_cli
 from firebolt_vl.train import checkpoint as ckpt
 from firebolt_vl.train.collate import IGNORE_INDEX, Encoded, SkipExample, collate, encode_conversation
 from firebolt_vl.train.data import ListSource, SourceStream
@@ -281,7 +279,7 @@ def test_stream_over_webdataset_shards_without_length(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- training
 def _one_stage(tmp_path, **stage):
-    from firebolt_vl.train.recipe import from_dict, StageConfig
+    from firebolt_vl.train.recipe import StageConfig, from_dict
 
     base = {"name": "s", "lr": {"cmm": 3e-3, "language": 3e-3}, "batch_size": 4, "max_length": 64, "log_every": 1,
             "optim": {"warmup_steps": 2, "schedule": "constant"}, "shuffle_buffer": 8}
@@ -352,11 +350,6 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert res["steps"] == 4 and not junk.exists()
 
 
-def _run_cli(args, env_extra=None):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FIREBOLT_VL_DEBUG": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "firebolt_vl.cli", "train", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
-
 
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tiny_dir):
     from safetensors.torch import load_file
@@ -379,13 +372,13 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tiny_dir):
     path.write_text(json.dumps(recipe))  # JSON is YAML
     common = ["--recipe", str(path), "--model", str(tiny_dir), "--data-root", str(tmp_path / "data")]
 
-    ref = _run_cli(common + ["--output", str(tmp_path / "ref")])
+    ref = run_train_cli(common + ["--output", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr[-3000:]
-    killed = _run_cli(common + ["--output", str(tmp_path / "run")], {"FIREBOLT_TRAIN_FAULT": "kill_after_step=5"})
+    killed = run_train_cli(common + ["--output", str(tmp_path / "run")], {"FIREBOLT_TRAIN_FAULT": "kill_after_step=5"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     ckpts = ckpt.list_checkpoints(tmp_path / "run" / "only" / "checkpoints")
     assert [s for s, _ in ckpts] == [3, 4]  # every 2 steps + epoch ends, keep 2; step 5 is lost and redone
-    resumed = _run_cli(common + ["--output", str(tmp_path / "run"), "--resume"])
+    resumed = run_train_cli(common + ["--output", str(tmp_path / "run"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
 

@@ -850,7 +850,7 @@ def run_demo(output_dir="runs/demo", cfg: Optional[DemoConfig] = None, progress:
                 images = load_images(paths.data, [c["image"] for c in caps], cfg.image_size)
                 xv[s] = encode_image_grid(model, images, progress=progress, desc=f"encode {s} images")
             torch.save(xv, paths.embeds)
-            log(f"grid embeddings X_v: " + ", ".join(f"{s} {tuple(v.shape)}" for s, v in xv.items()))
+            log("grid embeddings X_v: " + ", ".join(f"{s} {tuple(v.shape)}" for s, v in xv.items()))
             del model, xv
 
         with clock.phase("models"):  # the three models, side by side

@@ -32,7 +32,6 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Optional
 
 import numpy as np
