@@ -31,18 +31,12 @@ from transformers import (
     AutoModelForImageTextToText,
     PreTrainedModel,
 )
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 from transformers.modeling_outputs import ModelOutput
 
 from .cmm import CrossModalModulator, GridMemory
 from .configuration import FireboltConfig, FireboltLegacyConfig
 from .fusion import CrossAttentionResampler, PrependProjector
+from .sampling import check_repetition_penalty, penalise_repeats, sampling_warpers
 from .vision import GridVisionEncoder
 
 IGNORE_INDEX = -100
@@ -409,20 +403,8 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         eos, pad = self._default_ids(eos_token_id, pad_token_id)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        warpers = LogitsProcessorList()
-        if do_sample:
-            if temperature <= 0:
-                raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-            if temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                warpers.append(TopKLogitsWarper(top_k))
-            if top_p is not None and top_p < 1.0:
-                warpers.append(TopPLogitsWarper(top_p))
-            if min_p:
-                warpers.append(MinPLogitsWarper(min_p))
-        if repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        warpers = sampling_warpers(temperature, top_k, top_p, min_p) if do_sample else None
+        repetition_penalty = check_repetition_penalty(repetition_penalty)
         seen = None  # (B, V) bool: tokens of the row so far (prompt without padding, then its own answer)
         eos_t = torch.tensor(eos, device=input_ids.device) if eos and not ignore_eos else None
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -438,8 +420,7 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
                 if seen is None:
                     counts = torch.zeros(logits.shape, dtype=torch.long, device=logits.device)
                     seen = counts.scatter_add_(1, input_ids, attention_mask.long()) > 0
-                penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-                logits = torch.where(seen, penalised, logits)
+                logits = penalise_repeats(logits, seen, repetition_penalty)
             if not do_sample:
                 return logits.argmax(-1)
             probs = warpers(sequences, logits).softmax(-1)

@@ -28,15 +28,10 @@ import random
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from ..cmm import GridMemory
 from ..modeling import FireboltCache
+from ..sampling import check_repetition_penalty, penalise_repeats, sampling_warpers
 
 
 def _pad_time(x: torch.Tensor, T: int, dim: int) -> torch.Tensor:
@@ -133,20 +128,13 @@ class RowSampler:
 
     def __init__(self, params, prompt_ids: list[int], device: torch.device):
         self.greedy = params.greedy
-        self.penalty = float(params.repetition_penalty)
-        if self.penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.penalty}")
+        self.penalty = check_repetition_penalty(params.repetition_penalty)
         self.prompt_ids = prompt_ids
         self.seen: torch.Tensor | None = None  # (1, V) bool, made on the first call
-        self.warpers = LogitsProcessorList()
+        self.warpers = None
         self.generator = None
         if not self.greedy:
-            if params.temperature != 1.0:
-                self.warpers.append(TemperatureLogitsWarper(params.temperature))
-            if params.top_p is not None and params.top_p < 1.0:
-                self.warpers.append(TopPLogitsWarper(params.top_p))
-            if params.min_p:
-                self.warpers.append(MinPLogitsWarper(params.min_p))
+            self.warpers = sampling_warpers(params.temperature, None, params.top_p, params.min_p or None)
             seed = params.seed if params.seed is not None else random.getrandbits(63)
             self.generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -162,8 +150,7 @@ class RowSampler:
             if self.seen is None:
                 self.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
                 self.seen[0, torch.tensor(self.prompt_ids, device=logits.device)] = True
-            penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
-            logits = torch.where(self.seen, penalised, logits)
+            logits = penalise_repeats(logits, self.seen, self.penalty)
         if self.greedy:
             token = int(logits.argmax(-1))
         else:
