@@ -10,7 +10,7 @@ def add_demo_arguments(p):
     size.add_argument("--full", action="store_true",
                       help="the full demo: 3000 training images, long enough training for Firebolt-VL to use the image "
                            "(+23 points over the blind control; 14-31 min on 2 cores). Default: the small demo "
-                           "(800 images, within 10 min; the pipeline and its table, no gain yet at that size)")
+                           "(500 images, within 10 min; the pipeline and its table, no gain yet at that size)")
     size.add_argument("--quick", action="store_true",
                       help="smoke run of the whole pipeline on a few images in well under a minute (no accuracy)")
     p.add_argument("--seed", type=int, default=0)
@@ -20,7 +20,7 @@ def add_demo_arguments(p):
     p.add_argument("--pretrain-threads", type=int, default=None,
                    help="torch CPU threads of the two pretraining jobs, run one after the other (default 2; use 1 "
                         "on a machine that is busy with other work)")
-    p.add_argument("--n-train", type=int, default=None, help="training images (default 800; full 3000; quick 48)")
+    p.add_argument("--n-train", type=int, default=None, help="training images (default 500; full 3000; quick 48)")
     p.add_argument("--n-val", type=int, default=None, help="validation images (default 100; full 200)")
     p.add_argument("--n-test", type=int, default=None, help="test images (default 200; full 400)")
     p.add_argument("--vision-epochs", type=float, default=None, help="SigLIP pretraining epochs over the view pairs")
