@@ -248,3 +248,20 @@ def test_packaged_lora_recipe_parses():
     sft, dpo = r.stages
     assert sft.lora is not None and sft.objective == "sft" and sft.lr.vision == 0
     assert dpo.lora is not None and dpo.objective == "dpo" and dpo.beta > 0
+
+
+def test_bench_with_an_adapter(tmp_path, base_dir):
+    """`bench --model BASE --adapter DIR`: the adapted model is the one benched (its cached decoding equals generate
+    and the recompute decoding), and --adapter without --model is refused."""
+    from firebolt_vl.bench.core import run_bench
+
+    model, _ = _adapted(base_dir)
+    adapter = save_adapter(model, tmp_path / "adapter", base_dir)
+    result = run_bench(output=str(tmp_path / "out"), model=str(base_dir), adapter=str(adapter), device="cpu",
+                       new_tokens=4, nocache_tokens=2, warmup=0, repeats=1, threads=1, identity_tokens=6,
+                       scaling=False)
+    assert result["adapter"] == str(adapter)
+    assert any(str(adapter) in n for n in result["notes"])
+    assert result["consistency"]["firebolt"]["tokens_match_generate"]
+    with pytest.raises(ValueError, match="--adapter needs --model"):
+        run_bench(output=str(tmp_path / "out2"), adapter=str(adapter), device="cpu")

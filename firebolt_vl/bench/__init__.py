@@ -31,6 +31,7 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--model", default=None,
                    help="bench this saved model directory (e.g. convert-release's output) as firebolt / "
                         "firebolt_nocache instead of a built one; variants default to firebolt,firebolt_nocache")
+    p.add_argument("--adapter", default=None, help="with --model: a LoRA adapter directory applied on top of it")
     p.add_argument("--identity-tokens", type=int, default=None,
                    help="greedy tokens over which the cached decoding must equal the release's recompute decoding, "
                         "checked once (default: 64 for --preset release / --model, else 0 = off)")
@@ -72,7 +73,7 @@ def bench(output: str, preset: str = "tiny", device: str = "auto", dtype: str | 
           threads: int | None = None, int8: bool = False, compile: str = "auto", lockstep: str = "auto", variants=None,
           scaling: bool = True,
           scaling_lengths=None, scaling_grids=None, seed: int = 0, model: str | None = None,
-          identity_tokens: int | None = None, quantize=None) -> int:
+          identity_tokens: int | None = None, quantize=None, adapter: str | None = None) -> int:
     """CLI entry: run the benchmark, print a one-line JSON summary last."""
     import os
 
@@ -83,7 +84,7 @@ def bench(output: str, preset: str = "tiny", device: str = "auto", dtype: str | 
                        new_tokens=new_tokens, nocache_tokens=nocache_tokens, warmup=warmup, repeats=repeats,
                        threads=threads, int8=int8, compile=compile, lockstep=lockstep, variants=variants, scaling=scaling,
                        scaling_lengths=scaling_lengths, scaling_grids=scaling_grids, seed=seed, model=model,
-                       identity_tokens=identity_tokens, quantize=quantize,
+                       identity_tokens=identity_tokens, quantize=quantize, adapter=adapter,
                        argv=sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "bench" else None)
     print(summary_line(result), flush=True)
     return 0

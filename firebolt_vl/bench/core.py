@@ -92,12 +92,16 @@ def run_bench(
     model: str | None = None,
     identity_tokens: int | None = None,
     quantize=None,
+    adapter: str | None = None,
     argv: list[str] | None = None,
 ) -> dict:
     """Run the benchmark; returns the full result dict (also written to OUTPUT/results.json)."""
     from tqdm.auto import tqdm
 
     from ..hub import parse_dtype, resolve_device
+
+    if adapter is not None and model is None:
+        raise ValueError("--adapter needs --model (the base model directory it was trained on)")
     from ..processing import atomic_write_text
     from .measure import machine_info, measure_bandwidth, quick_read_bandwidth, summarize
     from .plots import plot_results
@@ -152,7 +156,7 @@ def run_bench(
          f"new_tokens={new_tokens} (no-cache: {n_nocache}) compile={mode} int8={int8} quantize={quant}")
     torch.manual_seed(seed)
     suite = build_suite(preset, dev, dt, names, int8=int8, seed=seed,
-                        progress=lambda n: _log(f"[bench] built {n}"), model_dir=model, quantize=quant)
+                        progress=lambda n: _log(f"[bench] built {n}"), model_dir=model, quantize=quant, adapter=adapter)
     # cached vs the release's recompute decoding, token for token (greedy), once: default 64 tokens for the release
     n_identity = identity_tokens if identity_tokens is not None else (64 if (preset == "release" or model) else 0)
     result = {
@@ -160,6 +164,7 @@ def run_bench(
         "command": "firebolt-vl bench " + " ".join(argv) if argv is not None else None,
         "preset": preset,
         "model": model,
+        "adapter": adapter,
         "device": str(dev),
         "dtype": dtype_name,
         "threads": n_threads,

@@ -654,7 +654,8 @@ def quantize_int8(parent: nn.Module, names: list[str]) -> None:
 
 
 def build_suite(preset_name: str, device: torch.device, dtype: torch.dtype, names: list[str], int8: bool = False,
-                seed: int = 0, progress=None, model_dir: str | None = None, quantize=()) -> Suite:
+                seed: int = 0, progress=None, model_dir: str | None = None, quantize=(),
+                adapter: str | None = None) -> Suite:
     """Build the requested variants with random weights (seeded) at the preset's shapes.
 
     Firebolt-VL (firebolt, firebolt_nocache) comes from `model_dir` when given (a saved model directory, e.g. the
@@ -709,8 +710,9 @@ def build_suite(preset_name: str, device: torch.device, dtype: torch.dtype, name
         if model_dir is not None:
             from ..hub import load_model_dir
 
-            model, proc = load_model_dir(model_dir)
-            suite.notes.append(f"firebolt / firebolt_nocache: the model directory {model_dir}")
+            model, proc = load_model_dir(model_dir, adapter=adapter)
+            suite.notes.append(f"firebolt / firebolt_nocache: the model directory {model_dir}"
+                               + (f" with the adapter {adapter}" if adapter else ""))
         else:
             from .release_model import build_release_model
 
