@@ -1,8 +1,9 @@
-"""Helpers for tests and fuzzing: crafted image files, the train command in a subprocess."""
+"""Helpers for tests and fuzzing: crafted image files, the train command in a subprocess (and killed mid-run)."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import subprocess
@@ -42,3 +43,24 @@ def run_train_cli(args: list[str], env_extra: dict | None = None, timeout: float
     env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1", "FIREBOLT_VL_DEBUG": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "firebolt_vl.cli", "train", *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
+
+
+def train_killed_and_resumed(workdir, recipe: dict, model_dir, data_root, kill_after_step: int, after_kill=None):
+    """The train command on `recipe` three times: uninterrupted into workdir/ref, SIGKILLed after `kill_after_step`
+    optimizer steps into workdir/run (`after_kill(run_dir)` may inspect what it left), then `--resume` into
+    workdir/run. Asserts each exit status; returns the three CompletedProcess (ref, killed, resumed)."""
+    workdir = Path(workdir)
+    path = workdir / "kill.yaml"
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    common = ["--recipe", str(path), "--model", str(model_dir), "--data-root", str(data_root)]
+    ref = run_train_cli(common + ["--output", str(workdir / "ref")])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = run_train_cli(common + ["--output", str(workdir / "run")],
+                           {"FIREBOLT_TRAIN_FAULT": f"kill_after_step={kill_after_step}"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    if after_kill is not None:
+        after_kill(workdir / "run")
+    resumed = run_train_cli(common + ["--output", str(workdir / "run"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    return ref, killed, resumed

@@ -57,6 +57,25 @@ def tiny_factory(tmp_path_factory):
     return build
 
 
+@pytest.fixture(scope="session")
+def tiny_dir_factory(tmp_path_factory):
+    """init_std -> a saved tiny model directory (seed 0), written once per std and shared read-only by the tests
+    that load it (training, LoRA, DPO)."""
+    from firebolt_vl.hub import save_model_dir
+    from firebolt_vl.presets import build_tiny
+
+    dirs = {}
+
+    def saved(init_std: float):
+        if init_std not in dirs:
+            root = tmp_path_factory.mktemp("tinymodel")
+            model, processor = build_tiny(root / "parts", seed=0, init_std=init_std)
+            dirs[init_std] = save_model_dir(model, processor, root / "model")
+        return dirs[init_std]
+
+    return saved
+
+
 @pytest.fixture
 def red_image():
     from PIL import Image, ImageDraw

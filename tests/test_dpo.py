@@ -47,13 +47,9 @@ def write_pairs(folder: Path, n: int, name: str, offset: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from firebolt_vl.hub import save_model_dir
-    from firebolt_vl.presets import build_tiny
-
-    root = tmp_path_factory.mktemp("dpo_base")
-    model, processor = build_tiny(root / "parts", seed=0, init_std=0.1)
-    return save_model_dir(model, processor, root / "model")
+def tiny(tiny_dir_factory):
+    """A saved tiny model, the start (and reference) of the DPO stages."""
+    return tiny_dir_factory(0.1)
 
 
 def _load(path):

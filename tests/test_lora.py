@@ -16,7 +16,7 @@ from firebolt_vl.adapters import (
     merge_lora,
     save_adapter,
 )
-from firebolt_vl.testing import run_train_cli
+from firebolt_vl.testing import train_killed_and_resumed
 from firebolt_vl.train.recipe import LoraSpec, RecipeError, StageConfig, from_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,13 +47,9 @@ def write_colors(folder: Path, n: int, name: str = "train.jsonl") -> Path:
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    from firebolt_vl.hub import save_model_dir
-    from firebolt_vl.presets import build_tiny
-
-    root = tmp_path_factory.mktemp("lora_base")
-    model, processor = build_tiny(root / "parts", seed=0, init_std=0.1)
-    return save_model_dir(model, processor, root / "model")
+def base_dir(tiny_dir_factory):
+    """The base model directory the adapters are trained on."""
+    return tiny_dir_factory(0.1)
 
 
 def _inputs(processor):
@@ -186,22 +182,16 @@ def test_lora_sigkill_and_resume_matches_uninterrupted_run(tmp_path, base_dir):
             "optim": {"warmup_steps": 1}, "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
         }],
     }
-    path = tmp_path / "kill.yaml"
-    path.write_text(json.dumps(recipe))
-    common = ["--recipe", str(path), "--model", str(base_dir), "--data-root", str(tmp_path / "data")]
-    ref = run_train_cli(common + ["--output", str(tmp_path / "ref")])
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    assert "trainable parameters" in ref.stdout and "optimizer state" in ref.stdout
-    killed = run_train_cli(common + ["--output", str(tmp_path / "run")], {"FIREBOLT_TRAIN_FAULT": "kill_after_step=3"})
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    from firebolt_vl.train import checkpoint as ckpt
 
-    last = ckpt.latest_checkpoint(tmp_path / "run" / "only" / "checkpoints")
-    assert last.name == "step-00000002"  # step 3 is lost and redone
-    assert (last / "adapter_model.safetensors").is_file() and not (last / "model.safetensors").exists()
-    resumed = run_train_cli(common + ["--output", str(tmp_path / "run"), "--resume"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
+    def after_kill(run):
+        from firebolt_vl.train import checkpoint as ckpt
+
+        last = ckpt.latest_checkpoint(run / "only" / "checkpoints")
+        assert last.name == "step-00000002"  # step 3 is lost and redone
+        assert (last / "adapter_model.safetensors").is_file() and not (last / "model.safetensors").exists()
+
+    ref, _, _ = train_killed_and_resumed(tmp_path, recipe, base_dir, tmp_path / "data", 3, after_kill)
+    assert "trainable parameters" in ref.stdout and "optimizer state" in ref.stdout
 
     a = load_file(tmp_path / "ref" / "only" / "final" / "adapter_model.safetensors")
     b = load_file(tmp_path / "run" / "only" / "final" / "adapter_model.safetensors")

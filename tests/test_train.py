@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from firebolt_vl.testing import run_train_cli
+from firebolt_vl.testing import train_killed_and_resumed
 from firebolt_vl.train import checkpoint as ckpt
 from firebolt_vl.train.collate import IGNORE_INDEX, Encoded, SkipExample, collate, encode_conversation
 from firebolt_vl.train.data import ListSource, SourceStream
@@ -52,14 +52,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def tiny_dir(tiny_dir_factory):
     """A saved tiny model (fresh init, small std: trainable), shared by the subprocess tests."""
-    from firebolt_vl.hub import save_model_dir
-    from firebolt_vl.presets import build_tiny
-
-    root = tmp_path_factory.mktemp("tinymodel")
-    model, processor = build_tiny(root / "parts", seed=0, init_std=0.02)
-    return save_model_dir(model, processor, root / "model")
+    return tiny_dir_factory(0.02)
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -368,19 +363,12 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tiny_dir):
             "optim": {"warmup_steps": 2},
         }],
     }
-    path = tmp_path / "kill.yaml"
-    path.write_text(json.dumps(recipe))  # JSON is YAML
-    common = ["--recipe", str(path), "--model", str(tiny_dir), "--data-root", str(tmp_path / "data")]
 
-    ref = run_train_cli(common + ["--output", str(tmp_path / "ref")])
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    killed = run_train_cli(common + ["--output", str(tmp_path / "run")], {"FIREBOLT_TRAIN_FAULT": "kill_after_step=5"})
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    ckpts = ckpt.list_checkpoints(tmp_path / "run" / "only" / "checkpoints")
-    assert [s for s, _ in ckpts] == [3, 4]  # every 2 steps + epoch ends, keep 2; step 5 is lost and redone
-    resumed = run_train_cli(common + ["--output", str(tmp_path / "run"), "--resume"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
+    def after_kill(run):
+        ckpts = ckpt.list_checkpoints(run / "only" / "checkpoints")
+        assert [s for s, _ in ckpts] == [3, 4]  # every 2 steps + epoch ends, keep 2; step 5 is lost and redone
+
+    train_killed_and_resumed(tmp_path, recipe, tiny_dir, tmp_path / "data", 5, after_kill)
 
     a = load_file(tmp_path / "ref" / "only" / "final" / "model.safetensors")
     b = load_file(tmp_path / "run" / "only" / "final" / "model.safetensors")
