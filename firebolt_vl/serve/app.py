@@ -99,14 +99,14 @@ class _Served:
     """What the routes use, filled once the model is loaded (at once, or by the loader in the lifespan)."""
 
     def __init__(self):
-        self.model = self.processor = self.engine = None
+        self.processor = self.engine = None
         self.max_pixels: int | None = None
         self.context_length = 0
         self.load_error: BaseException | None = None
         self.shutting_down = False
 
     def bind(self, model, processor, config: "ServerConfig", engine: Engine | None) -> None:
-        self.model, self.processor = model, processor
+        self.processor = processor
         self.max_pixels = config.max_image_pixels if config.max_image_pixels is not None else processor.max_image_pixels
         self.context_length = int(getattr(model.config.text_config, "max_position_embeddings", 0) or 0)
         self.engine = engine or Engine(model, processor, config.max_batch_size, config.max_queue,
