@@ -64,6 +64,10 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the prefill scaling sweeps")
     p.add_argument("--scaling-lengths", default=None, help="prompt lengths of the sweep (default 64,256,1024,4096)")
     p.add_argument("--scaling-grids", default=None, help="grid counts of the sweep (default 1,2,5,10,17)")
+    p.add_argument("--llamacpp", nargs="?", const=True, default=None, metavar="SRC",
+                   help="also LFM2 through llama.cpp (llama-cpp-python, optional extra) vs ours at fp32/int8/int4: "
+                        "SRC = llama.cpp's source tree or the llama-cpp-python sdist (its converter); skipped, with "
+                        "the reason, when absent (see firebolt_vl/bench/llamacpp.py; also --variants ...,llamacpp)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True, help="directory for results.json and the PNG plots")
 
@@ -73,19 +77,25 @@ def bench(output: str, preset: str = "tiny", device: str = "auto", dtype: str | 
           threads: int | None = None, int8: bool = False, compile: str = "auto", lockstep: str = "auto", variants=None,
           scaling: bool = True,
           scaling_lengths=None, scaling_grids=None, seed: int = 0, model: str | None = None,
-          identity_tokens: int | None = None, quantize=None, adapter: str | None = None) -> int:
+          identity_tokens: int | None = None, quantize=None, adapter: str | None = None, llamacpp=None) -> int:
     """CLI entry: run the benchmark, print a one-line JSON summary last."""
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .core import run_bench, summary_line
+    from .llamacpp import split_variants
 
+    variants, llamacpp = split_variants(variants, llamacpp)
     result = run_bench(output=output, preset=preset, device=device, dtype=dtype, batch_sizes=batch_sizes,
                        new_tokens=new_tokens, nocache_tokens=nocache_tokens, warmup=warmup, repeats=repeats,
                        threads=threads, int8=int8, compile=compile, lockstep=lockstep, variants=variants, scaling=scaling,
                        scaling_lengths=scaling_lengths, scaling_grids=scaling_grids, seed=seed, model=model,
                        identity_tokens=identity_tokens, quantize=quantize, adapter=adapter,
                        argv=sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "bench" else None)
+    if llamacpp:
+        from .llamacpp import attach
+
+        attach(result, llamacpp, preset, seed)
     print(summary_line(result), flush=True)
     return 0
 
