@@ -113,6 +113,16 @@ def test_dpo_loss_against_hand_computation_on_a_fixed_batch(tiny):
     assert abs(stats["chosen_reward"] - 0.5 * (-0.3 + 0.2)) < 1e-4
     assert abs(stats["rejected_reward"] - 0.5 * (0.5 - 0.1)) < 1e-4
     assert stats["pref_accuracy"] == 1.0  # pair 2's margin 0.25 - (-0.05) > 0, pair 1's -0.15 - 0.25 < 0
+    assert abs(stats["chosen_logp"] - (policy[0] + policy[1])) < 1e-3
+    assert abs(stats["rejected_logp"] - (policy[2] + policy[3])) < 1e-3
+    assert stats["logp_accuracy"] == sum(policy[i] > policy[i + 2] for i in range(2))
+    # RPO: + alpha x the chosen answer's mean token NLL (answer tokens counted from the labels by hand)
+    n_chosen = [sum(int(batch["labels"][r, t] != IGNORE_INDEX) for t in range(1, batch["labels"].shape[1]))
+                for r in range(2)]
+    alpha = 0.7
+    rpo, _ = pair_step(model, lambda b: torch.tensor(ref, dtype=torch.float32), batch, beta, rpo_alpha=alpha)
+    rpo_expected = sum(expected) - alpha * sum(policy[i] / n_chosen[i] for i in range(2))
+    assert abs(float(rpo.detach()) - rpo_expected) < 1e-4, (float(rpo.detach()), rpo_expected)
     # the closed form at a known point: equal policy and reference -> log 2
     z = torch.zeros(3)
     assert torch.allclose(dpo_loss(z, z, z, z, 0.1)[0], torch.full((3,), math.log(2)))

@@ -6,7 +6,12 @@ log pi(y|x) is the sum of the answer tokens' log-probabilities (the final assist
 prompt, the image tokens and earlier turns are not counted). The reference is the stage's starting weights: with LoRA
 the same model with its adapters disabled (no second copy), otherwise a frozen copy loaded from the start directory.
 Rewards: beta * (log pi - log ref) of each answer; the margin is chosen - rejected; accuracy = share of pairs whose
-margin is > 0.
+margin is > 0 (0 at the start, where every margin is 0). `logp_accuracy` is the policy's own preference: the share of
+pairs with log pi(y_c|x) > log pi(y_r|x), whose starting value is the starting model's.
+
+`rpo_alpha` > 0 adds alpha x the chosen answer's mean token negative log-likelihood to each pair's loss (RPO, Pang et
+al. 2024; TRL's `rpo_alpha`): plain DPO can lower the chosen answer's likelihood along with the rejected one's
+("likelihood displacement"), and on a model that cannot yet tell the answers apart that costs answer accuracy.
 
 Records: preference records (MMPR: image, question, chosen, rejected; `record["rejected"]`) or conversations whose
 final assistant turn is the chosen answer, with a `rejected` alternative for that turn (`record["rejected"]` or, for
@@ -116,17 +121,29 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
 
 
-STAT_KEYS = ("chosen_reward", "rejected_reward", "reward_margin", "pref_accuracy")
+def answer_tokens(batch: dict) -> torch.Tensor:
+    """(rows,) number of supervised (answer) tokens of each row."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
 
 
-def pair_step(model, ref_logps_fn, batch: dict, beta: float, pooled: bool = False):
-    """Summed DPO loss over the batch's pairs (with grad) and the summed statistics {STAT_KEYS: float}."""
+STAT_KEYS = ("chosen_reward", "rejected_reward", "reward_margin", "pref_accuracy", "chosen_logp", "rejected_logp",
+             "logp_accuracy")
+
+
+def pair_step(model, ref_logps_fn, batch: dict, beta: float, pooled: bool = False, rpo_alpha: float = 0.0):
+    """Summed loss over the batch's pairs (with grad): DPO + rpo_alpha x the chosen answers' mean token NLL; and the
+    summed statistics {STAT_KEYS: float}."""
     b = batch["n_pairs"]
     ref = ref_logps_fn(batch)  # (2B,) no grad
-    pol = sequence_logps(model, batch, pooled)
-    losses, rc, rr = dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], beta)
+    pol = sequence_logps(model, batch, pooled)  # (2B,)
+    losses, rc, rr = dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], beta)  # (B,) each
+    if rpo_alpha:
+        losses = losses - rpo_alpha * pol[:b] / answer_tokens(batch)[:b].clamp_min(1)
+    pc, pr = pol[:b].detach(), pol[b:].detach()
     stats = {"chosen_reward": float(rc.sum()), "rejected_reward": float(rr.sum()),
-             "reward_margin": float((rc - rr).sum()), "pref_accuracy": float((rc > rr).float().sum())}
+             "reward_margin": float((rc - rr).sum()), "pref_accuracy": float((rc > rr).float().sum()),
+             "chosen_logp": float(pc.sum()), "rejected_logp": float(pr.sum()),
+             "logp_accuracy": float((pc > pr).float().sum())}
     return losses.sum(), stats
 
 
@@ -136,8 +153,9 @@ def mean_stats(sums: dict, n: float) -> dict:
 
 @torch.no_grad()
 def evaluate_pairs(model, processor, readers, ref_logps_fn, *, beta: float, max_length: int, batch_size: int,
-                   max_samples: Optional[int] = None, pooled: bool = False) -> dict:
-    """DPO loss, rewards, margin and preference accuracy over validation pairs (single process, file order)."""
+                   max_samples: Optional[int] = None, pooled: bool = False, rpo_alpha: float = 0.0) -> dict:
+    """The stage's loss, rewards, margin and preference accuracies over validation pairs (single process, file
+    order)."""
     encode = PairEncodeFn(processor, max_length)
     was_training = model.training
     model.eval()
@@ -147,7 +165,7 @@ def evaluate_pairs(model, processor, readers, ref_logps_fn, *, beta: float, max_
     def run(buf):
         nonlocal total, n
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate_pairs(buf, processor).items()}
-        loss, stats = pair_step(model, ref_logps_fn, batch, beta, pooled)
+        loss, stats = pair_step(model, ref_logps_fn, batch, beta, pooled, rpo_alpha)
         total += float(loss)
         n += len(buf)
         for k, v in stats.items():
@@ -175,4 +193,4 @@ def evaluate_pairs(model, processor, readers, ref_logps_fn, *, beta: float, max_
 
 
 __all__ = ["EncodedPair", "PairEncodeFn", "PreferenceDataError", "collate_pairs", "sequence_logps", "dpo_loss",
-           "pair_step", "evaluate_pairs", "rejected_of", "STAT_KEYS"]
+           "answer_tokens", "pair_step", "evaluate_pairs", "rejected_of", "STAT_KEYS"]

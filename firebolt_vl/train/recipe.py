@@ -11,7 +11,8 @@
         epochs / max_steps, batch_size (global, per optimizer step), micro_batch_size / grad_accum, max_length,
         loss_on (assistant|all), eval/save/log cadence, shuffle window, gradient checkpointing
         lora      LoraSpec     optional: train LoRA adapters (peft) in the modules with lr > 0 instead of the weights
-        objective sft (next-token cross-entropy) | dpo (preference pairs, `beta`; reference = the stage's start)
+        objective sft (next-token cross-entropy) | dpo (preference pairs, `beta`, `rpo_alpha`; reference = the
+                  stage's start)
 
 Every dataclass validates itself in `__post_init__`; `from_dict` names the exact key of any unknown or mistyped
 entry (for example `stages[1].optim.lrr: unknown key`). YAML 1.1 reads `5e-4` as a string: float fields accept
@@ -194,6 +195,7 @@ class StageConfig:
     lora: Optional[LoraSpec] = None  # train LoRA adapters instead of the weights (`lora: {}` for the defaults)
     objective: str = "sft"  # sft | dpo (needs preference pairs: a rejected answer per record)
     beta: float = 0.1  # DPO: strength of the pull towards the reference (the stage's starting model)
+    rpo_alpha: float = 0.0  # DPO: + rpo_alpha x the chosen answer's mean token NLL per pair (RPO; 0 = plain DPO)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -217,6 +219,8 @@ class StageConfig:
             raise RecipeError(f"objective: must be one of {OBJECTIVES}, got {self.objective!r}")
         if not self.beta > 0:
             raise RecipeError(f"beta: must be > 0, got {self.beta}")
+        if not self.rpo_alpha >= 0:
+            raise RecipeError(f"rpo_alpha: must be >= 0, got {self.rpo_alpha}")
         if not any(v > 0 for v in self.lr.as_dict().values()):
             raise RecipeError("lr: every module has learning rate 0, the stage would train nothing")
 

@@ -556,7 +556,7 @@ def run_stage(
               flush=True)
         what = (f"LoRA r={stage.lora.r} alpha={stage.lora.alpha:g} on {len(adapter_names(lora_cfg))} layers"
                 if use_lora else "full weights")
-        print(f"[{stage.name}] {stage.objective}{f' beta={stage.beta:g}' if dpo else ''}, {what}: trainable "
+        print(f"[{stage.name}] {stage.objective}{f' beta={stage.beta:g} rpo_alpha={stage.rpo_alpha:g}' if dpo else ''}, {what}: trainable "
               f"parameters {n_train:,} of {n_total:,} ({100 * n_train / max(n_total, 1):.3f}%); optimizer state "
               f"{optim_mb:.2f} MiB (AdamW, fp32) + gradients {optim_mb / 2:.2f} MiB"
               f"{f'; base {base_dir}' if base_dir else ''}", flush=True)
@@ -613,7 +613,7 @@ def run_stage(
             with _autocast(device, runtime.precision):
                 res = evaluate_pairs(model, processor, val, ref_logps, beta=stage.beta, max_length=stage.max_length,
                                      batch_size=stage.val_batch_size or micro, max_samples=stage.val_max_samples,
-                                     pooled=pooled)
+                                     pooled=pooled, rpo_alpha=stage.rpo_alpha)
         else:
             res = evaluate(eval_model, processor, val, max_length=stage.max_length, loss_on=stage.loss_on,
                            batch_size=stage.val_batch_size or micro, max_samples=stage.val_max_samples, info=info,
@@ -623,8 +623,8 @@ def run_stage(
         metrics.write({"stage": stage.name, "step": step, "epoch": epoch, **res,
                        "eval_s": round(time.perf_counter() - t, 3)})
         if info.is_main:
-            extra = (f", preference accuracy {res['val_pref_accuracy']:.3f}, reward margin "
-                     f"{res['val_reward_margin']:.4f}" if dpo else "")
+            extra = (f", preference accuracy {res['val_pref_accuracy']:.3f} (policy's own "
+                     f"{res['val_logp_accuracy']:.3f}), reward margin {res['val_reward_margin']:.4f}" if dpo else "")
             bar.write(f"[{stage.name}] step {step}: val loss {res['val_loss']:.4f}, ppl {res['val_ppl']:.3f}{extra}")
         if math.isfinite(res["val_ppl"]) and (best_ppl is None or res["val_ppl"] < best_ppl):
             best_ppl, best_step = res["val_ppl"], step  # DPO: exp(val DPO loss), i.e. ranked by the DPO loss
@@ -697,7 +697,7 @@ def run_stage(
                 with ctx:
                     with _autocast(device, runtime.precision):
                         if dpo:  # summed DPO loss over the pairs; the step's mean over all pairs after scaling
-                            nll, stats = pair_step(wrapped, ref_logps, batch, stage.beta, pooled)
+                            nll, stats = pair_step(wrapped, ref_logps, batch, stage.beta, pooled, stage.rpo_alpha)
                             for k, v in stats.items():
                                 log_stats[k] = log_stats.get(k, 0.0) + v
                         else:
