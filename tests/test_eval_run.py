@@ -247,3 +247,42 @@ def test_plan_batches_is_deterministic_and_complete():
     assert sorted(i for b in plan for i in b) == list(range(10))
     assert plan[:2] == [[1, 3, 5], [0, 4, 2]]  # window 0..5 sorted longest first, ties by position
     assert plan_batches(lengths, 4, window=1) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_eval_mode_reaches_the_scorer_and_a_bad_mode_fails_first(model_dir, tmp_path, capsys):
+    """`eval --mode` scores with that reference (the same predictions as `score --mode`); an unknown mode, or a mode
+    on a benchmark that has none, is one line with exit 2 before the model loads (no output folder)."""
+    from PIL import Image
+
+    data = tmp_path / "vqa"
+    (data / "val2014").mkdir(parents=True)
+    for q in (1, 2):
+        Image.new("RGB", (48, 40), (200, 40 * q, 10)).save(data / "val2014" / f"COCO_val2014_{q:012d}.jpg")
+    (data / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(
+        {"data_subtype": "val2014", "questions": [{"question_id": q, "image_id": q, "question": "What?"}
+                                                  for q in (1, 2)]}))
+    (data / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": [
+        {"question_id": q, "image_id": q, "answer_type": "other", "question_type": "what",
+         "multiple_choice_answer": "x",
+         "answers": [{"answer": "x", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)]}
+        for q in (1, 2)]}))
+    scores = {}
+    for mode in ("evalai", "vqaeval"):
+        out = tmp_path / mode
+        args = ["eval", "--model", str(model_dir), "--benchmark", "vqav2", "--data", str(data), "--output", str(out),
+                "--max-new-tokens", "2", "--quiet", "--mode", mode]
+        assert cli_main(args) == 0
+        scores[mode] = json.loads((out / SCORES_FILE).read_text())
+        assert scores[mode]["mode"] == mode
+        assert f"vqav2: scored in mode {mode}" in capsys.readouterr().err
+        rescored = score("vqav2", load_benchmark("vqav2", data), read_predictions(out / PREDICTIONS_FILE), mode=mode)
+        assert rescored["overall"] == scores[mode]["overall"]
+
+    for bench, mode, msg in (("vqav2", "official", "unknown vqav2 mode 'official'; choose one of evalai, vqaeval"),
+                             ("synthetic", "evalai",
+                              "synthetic has one scorer, no modes (modes exist for vqav2, scienceqa)")):
+        out = tmp_path / f"bad-{bench}"
+        rc = cli_main(["eval", "--model", str(model_dir), "--benchmark", bench, "--data", str(data), "--output",
+                       str(out), "--quiet", "--mode", mode])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err == f"error: {msg}" and not out.exists(), err

@@ -9,6 +9,11 @@ import sys
 BENCHMARK_CHOICES = ("vqav2", "pope", "mme", "ai2d", "mmmu", "scienceqa", "mmbench", "synthetic")
 
 
+MODE_HELP = ("the reference to reproduce: vqav2 evalai (default; the test-dev server) or vqaeval (GT-Vision-Lab); "
+             "scienceqa llava (default) or official (lupantech, random fallback)")
+SEED_HELP = "seed of the random fallback (scienceqa --mode official: 10; mmmu: 42)"
+
+
 def add_eval_command_arguments(p):
     p.add_argument("--model", required=True, help="Firebolt-VL model directory")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory applied on top of --model")
@@ -26,6 +31,8 @@ def add_eval_command_arguments(p):
     p.add_argument("--output", required=True, help="folder for predictions.jsonl, scores.json and run.json")
     p.add_argument("--overwrite", action="store_true",
                    help="discard earlier predictions in --output instead of resuming")
+    p.add_argument("--mode", default=None, help=MODE_HELP)
+    p.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -44,12 +51,14 @@ def eval_command(
     quiet: bool = False,
     adapter: str | None = None,
     quantize: str | None = None,
+    mode: str | None = None,
+    seed: int | None = None,
 ) -> int:
     """Evaluate a model directory on a benchmark; predictions and scores go to `output`, the table to stdout."""
     from ..hub import check_model_dir, load_model_dir, parse_dtype, resolve_device
     from . import load_benchmark
     from .runner import DEFAULT_MAX_NEW_TOKENS, evaluate
-    from .scorers import format_table
+    from .scorers import format_table, scoring_options
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
@@ -57,14 +66,17 @@ def eval_command(
         raise ValueError(f"--limit must be >= 0, got {limit}")
     if os.path.exists(output) and not os.path.isdir(output):
         raise NotADirectoryError(f"--output is not a folder: {output}")
-    check_model_dir(model)  # cheap checks first: model folder and data fail before any loading
+    check_model_dir(model)  # cheap checks first: model folder, scoring options and data fail before any loading
+    scoring_options(benchmark, mode, seed)
     items = load_benchmark(benchmark, data, split=split, limit=limit)
     dev = resolve_device(device)
     net, processor = load_model_dir(model, dev, parse_dtype(dtype), adapter=adapter, quantize=quantize)
     model_id = os.path.abspath(model) + (f"+{os.path.abspath(adapter)}" if adapter else "")
     result = evaluate(net, processor, benchmark, data, output, split=split, limit=limit, batch_size=batch_size,
                       max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS, items=items,
-                      model_id=model_id, overwrite=overwrite, progress=not quiet)
+                      model_id=model_id, overwrite=overwrite, progress=not quiet, mode=mode, seed=seed)
+    if "mode" in result:
+        print(f"{benchmark}: scored in mode {result['mode']}", file=sys.stderr)
     print(format_table(benchmark, result))
     print(f"\npredictions: {os.path.join(output, 'predictions.jsonl')}\nscores: {os.path.join(output, 'scores.json')}")
     return 0
@@ -81,11 +93,8 @@ def add_score_command_arguments(p):
     p.add_argument("--limit", type=int, default=None, help="score the first N items only")
     p.add_argument("--only-predicted", action="store_true",
                    help="score only items that have a prediction (a partial run); by default missing ones are wrong")
-    p.add_argument("--mode", default=None,
-                   help="the reference to reproduce: vqav2 evalai (default; the test-dev server) or vqaeval "
-                        "(GT-Vision-Lab); scienceqa llava (default) or official (lupantech, random fallback)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed of the random fallback (scienceqa --mode official: 10; mmmu: 42)")
+    p.add_argument("--mode", default=None, help=MODE_HELP)
+    p.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     p.add_argument("--table", action="store_true", help="print a readable table instead of JSON")
 
 

@@ -315,6 +315,8 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = True,
     sort_window: Optional[int] = None,
+    mode: Optional[str] = None,
+    seed: Optional[int] = None,
 ) -> dict:
     """Evaluate ``model`` on ``benchmark`` (see the module doc); returns the scores dict also written to
     ``output_dir/scores.json`` (the scorer's keys, plus ``n_errors``).
@@ -322,10 +324,11 @@ def evaluate(
     ``items``: already loaded items of ``data`` (skips loading). ``model_id``: what run.json records as the model
     (default: the model's ``name_or_path``). ``overwrite``: discard earlier predictions in ``output_dir`` instead of
     resuming. ``sort_window``: items per length-sorting window (default 16 batches; 1 keeps the data order).
+    ``mode`` / ``seed``: the scoring reference to reproduce and its random-fallback seed (see ``scorers.score``).
     For VQAv2 test splits (no answers) the EvalAI file ``vqav2_submission.json`` is written as well."""
     from ..processing import atomic_write_text
     from . import BENCHMARKS, load_benchmark
-    from .scorers import score, write_vqav2_submission
+    from .scorers import score, scoring_options, write_vqav2_submission
 
     name = str(benchmark).lower()
     if name not in BENCHMARKS:
@@ -334,6 +337,7 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    scoring_options(name, mode, seed)  # a bad mode / seed fails before any generation
     if items is None:
         items = load_benchmark(name, data, split=split, limit=limit)
     out = Path(output_dir)
@@ -378,7 +382,7 @@ def evaluate(
 
     predictions = {it.question_id: records[str(it.question_id)]["answer"] for it in items
                    if str(it.question_id) in records}
-    result = score(name, items, predictions)
+    result = score(name, items, predictions, mode=mode, seed=seed)
     result["n_errors"] = sum(1 for it in items if "error" in records.get(str(it.question_id), {}))
     atomic_write_text(out / SCORES_FILE, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     if name == "vqav2" and result.get("n_unscored"):

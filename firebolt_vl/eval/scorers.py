@@ -1025,14 +1025,9 @@ SCORER_MODES: Dict[str, Tuple[Tuple[str, ...], str]] = {
 }
 
 
-def score(name: str, items, predictions: Mapping[Any, Any], mode: Optional[str] = None,
-          seed: Optional[int] = None) -> dict:
-    """Score ``predictions`` ({question_id: text}) on the loaded ``items`` of benchmark ``name``. Returns a JSON-able
-    dict with ``benchmark``, ``main_metric``, ``main``, the coverage (``n_items``, ``n_predicted``, ``coverage`` in
-    percent) and the benchmark's own metrics (percent).
-
-    ``mode``: the reference to reproduce where two disagree (vqav2: ``evalai`` / ``vqaeval``; scienceqa: ``llava`` /
-    ``official``); None = the default. ``seed``: the random fallback's seed (scienceqa official mode, mmmu)."""
+def scoring_options(name: str, mode: Optional[str] = None, seed: Optional[int] = None) -> Dict[str, Any]:
+    """The scorer keyword arguments for ``mode`` / ``seed`` of benchmark ``name``; a clear error for an unknown
+    benchmark, a mode the benchmark does not have, or a seed it does not use (checked before any generation)."""
     key = str(name).lower()
     if key not in SCORERS:
         raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(SCORERS)}")
@@ -1048,6 +1043,19 @@ def score(name: str, items, predictions: Mapping[Any, Any], mode: Optional[str] 
         if key not in ("scienceqa", "mmmu"):
             raise ValueError(f"{key} has no random fallback; --seed applies to scienceqa (official mode) and mmmu")
         kwargs["seed"] = int(seed)
+    return kwargs
+
+
+def score(name: str, items, predictions: Mapping[Any, Any], mode: Optional[str] = None,
+          seed: Optional[int] = None) -> dict:
+    """Score ``predictions`` ({question_id: text}) on the loaded ``items`` of benchmark ``name``. Returns a JSON-able
+    dict with ``benchmark``, ``main_metric``, ``main``, the coverage (``n_items``, ``n_predicted``, ``coverage`` in
+    percent) and the benchmark's own metrics (percent).
+
+    ``mode``: the reference to reproduce where two disagree (vqav2: ``evalai`` / ``vqaeval``; scienceqa: ``llava`` /
+    ``official``); None = the default. ``seed``: the random fallback's seed (scienceqa official mode, mmmu)."""
+    key = str(name).lower()
+    kwargs = scoring_options(key, mode, seed)
     items = list(items)
     res = SCORERS[key](items, predictions, **kwargs)
     keys = {str(k) for k in predictions}
