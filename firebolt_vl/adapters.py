@@ -323,12 +323,16 @@ def add_merge_arguments(p):
     p.add_argument("--adapter", required=True, help="LoRA adapter directory (a stage's final/ or a checkpoint)")
     p.add_argument("--output", required=True, help="directory to write the merged model into")
     p.add_argument("--no-check", action="store_true", help="skip the base-weights check (hashes of targeted weights)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
 
-def merge(adapter: str, output: str, model: str | None = None, no_check: bool = False) -> int:
-    """Merge a LoRA adapter into its base model and write an ordinary model directory."""
+def merge(adapter: str, output: str, model: str | None = None, no_check: bool = False, overwrite: bool = False) -> int:
+    """Merge a LoRA adapter into its base model and write an ordinary model directory (atomically; an existing
+    --output is replaced only with overwrite=True)."""
     from .hub import save_model_dir
 
+    if Path(output).exists() and not overwrite:
+        raise FileExistsError(f"{output} exists: pass --overwrite to replace it")
     net, processor = load_model_with_adapter(model, adapter, "cpu", torch.float32, check=not no_check)
     merge_lora(net)
     save_model_dir(net, processor, output)

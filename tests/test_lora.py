@@ -73,7 +73,7 @@ def _adapted(base_dir, seed=1):
     return model.eval(), processor
 
 
-def test_adapter_round_trip_merge_parity_and_cached_decoding(tmp_path, base_dir):
+def test_adapter_round_trip_merge_parity_and_cached_decoding(tmp_path, base_dir, capsys):
     from firebolt_vl.cli import main
     from firebolt_vl.hub import load_model_dir
 
@@ -103,6 +103,13 @@ def test_adapter_round_trip_merge_parity_and_cached_decoding(tmp_path, base_dir)
     assert main(["merge", "--model", str(base_dir), "--adapter", str(adapter), "--output", str(tmp_path / "m")]) == 0
     merged, _ = load_model_dir(tmp_path / "m")
     assert not any("lora" in k for k in merged.state_dict())
+    # an existing output is kept unless --overwrite
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    assert main(["merge", "--model", str(base_dir), "--adapter", str(adapter), "--output", str(tmp_path / "m")]) == 2
+    assert "exists: pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert main(["merge", "--model", str(base_dir), "--adapter", str(adapter), "--output", str(tmp_path / "m"),
+                 "--overwrite"]) == 0
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, adapted, atol=1e-5, rtol=0)
         torch.testing.assert_close(merge_lora(loaded)(**inputs).logits, adapted, atol=1e-5, rtol=0)

@@ -556,7 +556,8 @@ def run_stage(
               flush=True)
         what = (f"LoRA r={stage.lora.r} alpha={stage.lora.alpha:g} on {len(adapter_names(lora_cfg))} layers"
                 if use_lora else "full weights")
-        print(f"[{stage.name}] {stage.objective}{f' beta={stage.beta:g} rpo_alpha={stage.rpo_alpha:g}' if dpo else ''}, {what}: trainable "
+        objective = f"dpo beta={stage.beta:g} rpo_alpha={stage.rpo_alpha:g}" if dpo else stage.objective
+        print(f"[{stage.name}] {objective}, {what}: trainable "
               f"parameters {n_train:,} of {n_total:,} ({100 * n_train / max(n_total, 1):.3f}%); optimizer state "
               f"{optim_mb:.2f} MiB (AdamW, fp32) + gradients {optim_mb / 2:.2f} MiB"
               f"{f'; base {base_dir}' if base_dir else ''}", flush=True)
