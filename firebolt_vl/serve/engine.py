@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .batching import RowSampler, choose_tokens, merge_caches, select_rows
+from .batching import RowSampler, SlotBatch, choose_tokens
 
 log = logging.getLogger("firebolt_vl.serve")
 
@@ -253,7 +253,7 @@ class Engine:
     """Owns the model in one thread; `submit` jobs from any thread. Start with `start()`, stop with `stop()`."""
 
     def __init__(self, model, processor, max_batch_size: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005,
-                 scheduler: str = "continuous"):
+                 scheduler: str = "continuous", prefill_tokens: int = 4096):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         if scheduler not in SCHEDULERS:
@@ -265,6 +265,7 @@ class Engine:
         self.max_batch_size = int(max_batch_size)
         self.max_queue = int(max_queue)
         self.batch_wait_s = float(batch_wait_s)
+        self.prefill_tokens = int(prefill_tokens)  # continuous: padded prompt tokens per prefill forward
         tc = model.config.text_config
         eos = tc.eos_token_id if tc.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids: set[int] = set([eos] if isinstance(eos, int) else (eos or []))
@@ -395,17 +396,24 @@ class Engine:
                     self.stats["errors"] += 1
                     job.send(Event("error", error=e))
 
-    def _generate(self, batch: list[Job]) -> None:
-        """Left-pad the prompts into (B, T), stack the images in row order, decode with per-row stopping."""
-        B, T = len(batch), max(len(j.input_ids) for j in batch)
+    def _padded(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The prompts left-padded into input_ids, attention_mask (B, T) and the images stacked in row order
+        (N_img, 3, S, S) or None, on the model's device."""
+        B, T = len(jobs), max(len(j.input_ids) for j in jobs)
         input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((B, T), dtype=torch.long)
-        for i, job in enumerate(batch):
+        for i, job in enumerate(jobs):
             n = len(job.input_ids)
             input_ids[i, T - n :] = torch.tensor(job.input_ids, dtype=torch.long)
             attention_mask[i, T - n :] = 1
-        images = [j.pixel_values for j in batch if j.pixel_values is not None]
-        pixel_values = torch.stack(images).to(self.device, self.model.dtype) if images else None  # (N_img, 3, S, S)
+        images = [j.pixel_values for j in jobs if j.pixel_values is not None]
+        pixel_values = torch.stack(images).to(self.device, self.model.dtype) if images else None
+        return input_ids.to(self.device), attention_mask.to(self.device), pixel_values
+
+    def _generate(self, batch: list[Job]) -> None:
+        """Left-padded prompts and the images in row order, decoded with per-row stopping."""
+        B = len(batch)
+        input_ids, attention_mask, pixel_values = self._padded(batch)
         params = batch[0].params
         generator = None
         if not params.greedy:
@@ -416,8 +424,8 @@ class Engine:
         self.stats["rows"] += B
         try:
             self.model.generate(
-                input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
+                input_ids,
+                attention_mask=attention_mask,
                 pixel_values=pixel_values,
                 max_new_tokens=max(j.params.max_tokens for j in batch),
                 do_sample=not params.greedy,
@@ -438,97 +446,97 @@ class Engine:
 
     # ---- continuous batching (iteration-level scheduling) ----
     def _loop_continuous(self) -> None:
-        """Between two decoding steps, waiting jobs are prefilled one by one (exactly `generate`'s prefill of that
-        prompt: batch of one, no padding; their first token comes from it) and join the running batch
-        (`merge_caches`); finished or cancelled rows leave before the next step (`select_rows`), freeing their slot."""
+        """Between two decoding steps, every waiting job that fits in a free slot is prefilled, in groups of one
+        left-padded forward each (`generate`'s prefill of a padded batch; their first tokens come from it), and joins
+        the running batch (`SlotBatch.admit`); finished or cancelled rows leave before the next step
+        (`SlotBatch.remove`), freeing their slot."""
         torch.set_grad_enabled(False)
-        slots: list[_Slot] = []  # slot i is row i of `cache`
-        cache = None
+        batch = SlotBatch(self.max_batch_size, self.model.cmm)
         while True:
             with self._cond:
-                while not self._pending and not slots and not self._stopping:
+                while not self._pending and not batch.rows and not self._stopping:
                     self._cond.wait()
                 if self._stopping:  # stop() has sent the running and waiting jobs their error already
                     return
                 joining: list[Job] = []
-                while self._pending and len(slots) + len(joining) < self.max_batch_size:
+                while self._pending and len(joining) < batch.free():
                     job = self._pending.popleft()
                     if not job.cancelled:
                         joining.append(job)
-                self._current = [s.job for s in slots] + joining
+                if joining:
+                    self._current = [s.job for s in batch.slots] + joining
             if joining:
                 self.stats["batches"] += 1
-            for job in joining:
-                slot, row_cache = self._prefill(job)
-                if slot is None:
-                    continue
-                if slot.row.done:
-                    self.stats["tokens"] += slot.row.n
-                    continue
+                for group in self._prefill_groups(joining):
+                    self._join(batch, group)
+            changed = self._release(batch) or bool(joining)
+            if batch.rows:
                 try:
-                    cache = row_cache if cache is None else merge_caches(cache, row_cache)
-                except Exception as e:  # e.g. a decoder cache layer that cannot be merged: this row only
-                    log.exception("job %s: could not join the running batch", job.id)
-                    self._fail([slot], e)
-                    continue
-                slots.append(slot)
-            cache, slots = self._release(cache, slots)
-            self.running = len(slots)
-            if not slots:
+                    tokens = batch.decode(self.model)
+                except Exception as e:  # the whole running batch is lost; the engine goes on with the next jobs
+                    log.exception("decoding step of %d rows failed", batch.rows)
+                    self._fail(batch.slots, e)
+                    batch = SlotBatch(self.max_batch_size, self.model.cmm)
+                    tokens, changed = [], True
+                self.stats["steps"] += 1 if tokens else 0
+                for slot, token in zip(batch.slots, tokens):
+                    slot.row.step(token)
+                changed = self._release(batch) or changed
+            self.running = batch.rows
+            if changed:
                 with self._cond:
-                    self._current = []
-                continue
-            try:
-                last = torch.tensor([[s.last] for s in slots], dtype=torch.long, device=self.device)  # (B, 1)
-                logits = self.model.decode_step(last, cache, logits_to_keep=1).logits[:, -1]  # (B, V)
-                tokens = choose_tokens([s.sampler for s in slots], logits)
-            except Exception as e:  # the whole running batch is lost; the engine goes on with the next jobs
-                log.exception("decoding step of %d rows failed", len(slots))
-                self._fail(slots, e)
-                slots, cache = [], None
-                self.running = 0
-                continue
-            self.stats["steps"] += 1
-            for slot, token in zip(slots, tokens):
-                slot.last = token
-                slot.row.step(token)
-            cache, slots = self._release(cache, slots)
-            self.running = len(slots)
-            with self._cond:
-                self._current = [s.job for s in slots]
+                    self._current = [s.job for s in batch.slots]
 
-    def _prefill(self, job: Job) -> tuple["_Slot | None", object]:
-        """Prefill one job alone and choose its first token: (its slot, its one-row FireboltCache), or (None, None)
-        when it failed (the job got its error event)."""
+    def _prefill_groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """Consecutive jobs in groups whose padded prompt tokens (rows x longest prompt) stay within
+        `prefill_tokens` (a longer prompt forms a group of its own), so short prompts are not padded to a long one."""
+        groups: list[list[Job]] = []
+        longest = 0
+        for job in jobs:
+            n = len(job.input_ids)
+            if groups and (len(groups[-1]) + 1) * max(longest, n) <= self.prefill_tokens:
+                groups[-1].append(job)
+                longest = max(longest, n)
+            else:
+                groups.append([job])
+                longest = n
+        return groups
+
+    def _join(self, batch: SlotBatch, jobs: list[Job]) -> None:
+        """Prefill `jobs` in one forward, choose their first tokens and admit them to the running batch. When the
+        group's prefill fails, each job is prefilled alone, so one bad request does not sink the others."""
         try:
-            ids = torch.tensor([job.input_ids], dtype=torch.long, device=self.device)  # (1, T)
-            pix = None
-            if job.pixel_values is not None:
-                pix = job.pixel_values.unsqueeze(0).to(self.device, self.model.dtype)  # (1, 3, S, S)
-            out = self.model(ids, torch.ones_like(ids), pix, use_cache=True, logits_to_keep=1)
-            slot = _Slot(job, _Row(job, self.tokenizer, self.eos_ids, self.timing),
-                         RowSampler(job.params, job.input_ids, self.device))
-            slot.last = slot.sampler(out.logits[:, -1])
+            input_ids, attention_mask, pixel_values = self._padded(jobs)
+            out = self.model(input_ids, attention_mask, pixel_values, use_cache=True, logits_to_keep=1)
+            slots = [_Slot(j, _Row(j, self.tokenizer, self.eos_ids, self.timing),
+                           RowSampler(j.params, j.input_ids, self.device)) for j in jobs]
+            first = choose_tokens([s.sampler for s in slots], out.logits[:, -1])  # (n,)
         except Exception as e:
-            log.exception("job %s: prefill failed", job.id)
+            if len(jobs) > 1:
+                log.warning("prefill of %d jobs failed (%s); prefilling them one by one", len(jobs), e)
+                for job in jobs:
+                    self._join(batch, [job])
+                return
+            log.exception("job %s: prefill failed", jobs[0].id)
             self.stats["errors"] += 1
-            job.send(Event("error", error=e))
-            return None, None
-        self.stats["rows"] += 1
-        slot.row.step(slot.last)
-        return slot, out.cache
+            jobs[0].send(Event("error", error=e))
+            return
+        self.stats["rows"] += len(jobs)
+        for slot, token in zip(slots, first.tolist()):
+            slot.row.step(token)
+        try:
+            batch.admit(out.cache, slots, first)
+        except Exception as e:  # e.g. a decoder cache layer that has no slot form: these rows only
+            log.exception("%d jobs could not join the running batch", len(jobs))
+            self._fail(slots, e)
 
-    def _release(self, cache, slots: list["_Slot"]):
+    def _release(self, batch: SlotBatch) -> bool:
         """Rows that finished or whose client left leave the batch (their slot is free for the next job)."""
-        keep = [i for i, s in enumerate(slots) if not s.row.done and not s.job.cancelled]
-        if len(keep) == len(slots):
-            return cache, slots
-        for i, s in enumerate(slots):
-            if i not in keep:
-                self.stats["tokens"] += s.row.n
-        if not keep:
-            return None, []
-        return select_rows(cache, keep), [slots[i] for i in keep]
+        gone = [i for i, s in enumerate(batch.slots) if s.row.done or s.job.cancelled]
+        for i in gone:
+            self.stats["tokens"] += batch.slots[i].row.n
+        batch.remove(gone)
+        return bool(gone)
 
     def _fail(self, slots: list["_Slot"], error: BaseException) -> None:
         for s in slots:
@@ -540,9 +548,8 @@ class Engine:
 
 @dataclass(eq=False)
 class _Slot:
-    """A row of the running batch: its job, its stopping/streaming state, its sampler, its last token."""
+    """A row of the running batch: its job, its stopping/streaming state, its sampler."""
 
     job: Job
     row: _Row
     sampler: RowSampler
-    last: int = 0
