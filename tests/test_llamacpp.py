@@ -48,7 +48,7 @@ def _require_llamacpp():
 
 def test_gguf_computes_the_same_function(tmp_path):
     """F32 GGUF logits at every prompt position == transformers fp32 logits (tiny random LFM2, wide init), and Q8_0
-    close; then greedy decoding through llama.cpp follows the same tokens as ours."""
+    close; then greedy decoding through llama.cpp (its caches: KV and short-conv state) follows transformers'."""
     tree = _require_llamacpp()
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -66,7 +66,8 @@ def test_gguf_computes_the_same_function(tmp_path):
     scale = par["reference_logit_std"]
     assert par["f32"]["max_abs_diff"] < 1e-3 * max(1.0, par["reference_logit_absmax"]), par
     assert par["f32"]["argmax_agree"] == 1.0
-    assert par["q8_0"]["max_abs_diff"] < 0.1 * scale * 10, par  # quantized: close, not equal
+    print(json.dumps(par))
+    assert par["q8_0"]["max_abs_diff"] < scale, par  # quantized: close, not equal
 
     # greedy decoding: llama.cpp's F32 tokens == ours
     lm = L.LlamaCppLM(paths["f32"], threads=1, n_ctx=128)
@@ -78,6 +79,9 @@ def test_gguf_computes_the_same_function(tmp_path):
             mine.append(t)
     finally:
         lm.close()
-    ref = model.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert mine == ref[0, len(ids):].tolist()
+    seq = list(ids)
+    with torch.no_grad():  # greedy argmax over the full prefix every step (EOS not special: as the bench)
+        for _ in range(8):
+            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    assert mine == seq[len(ids):]
     assert np.isfinite(par["q8_0"]["mean_abs_diff"])
