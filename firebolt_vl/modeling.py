@@ -455,6 +455,52 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         return sequences
 
 
+class SingleRowLinearAsReduction(torch.overrides.TorchFunctionMode):
+    """Inside this mode `F.linear` over a single row, x (..., K) holding one row and W (N, K), is computed as the
+    element-wise product and row sum (x * W).sum(-1) (+ bias): the same maths as the matrix-vector product in a
+    different summation order (equal within float rounding). Meant for tracing a batch-1 decoding step with
+    `torch.compile` on CPU: Inductor turns the sum into a vectorised, multi-threaded streaming reduction over W that
+    reads the weights faster than the BLAS GEMV call a Linear layer otherwise becomes (see `compile_decode_step`).
+    Inputs with more than one row, and weights of other tensor types (quantized), go to F.linear unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if type(weight) in (torch.Tensor, nn.Parameter) and weight.dim() == 2 and x.numel() == x.shape[-1]:
+                y = (x.reshape(1, -1) * weight).sum(-1)  # (N,)
+                if bias is not None:
+                    y = y + bias
+                return y.reshape(*x.shape[:-1], weight.shape[0])
+        return func(*args, **kwargs)
+
+
+COMPILE_MODES = ("static", "default", "reduce-overhead", "max-autotune", "reduction")
+
+
+def compile_decode_step(step, mode: str):
+    """Compile a decoding step function for static shapes (static cache, fixed buffers).
+
+    mode: a torch.compile mode ("default", "reduce-overhead" = CUDA graphs, "max-autotune"), "static" (no
+    compilation: the step as it is), or "reduction": torch.compile (default mode) with every single-row Linear traced
+    as an element-wise product + row sum (`SingleRowLinearAsReduction`), the fastest batch-1 CPU step measured
+    (docs/bench/README.md). The eager step stays the reference: a compiled step equals it within float rounding."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "static":
+        return step
+    if mode == "reduction":
+        inner = step
+
+        def step(*args, **kwargs):
+            with SingleRowLinearAsReduction():
+                return inner(*args, **kwargs)
+
+        mode = "default"
+    return torch.compile(step, mode=None if mode == "default" else mode, dynamic=False)
+
+
 def load_vision_tower(path_or_id: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The vision tower of a SigLIP / SigLIP2 checkpoint (full dual-encoder or vision-only)."""
     from transformers import Siglip2VisionModel, SiglipVisionModel

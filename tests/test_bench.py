@@ -229,7 +229,7 @@ def test_bench_a_model_directory(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "firebolt_vl.cli", "bench", "--model", str(tmp_path / "model"), "--device", "cpu",
            "--new-tokens", "6", "--nocache-tokens", "3", "--warmup", "0", "--repeats", "1", "--threads", "1",
-           "--identity-tokens", "8", "--no-scaling", "--output", str(out)]
+           "--identity-tokens", "8", "--no-scaling", "--compile", "off", "--output", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc_ = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc_.returncode == 0, proc_.stderr[-3000:]
@@ -239,3 +239,83 @@ def test_bench_a_model_directory(tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert result["model"] == str(tmp_path / "model") and result["consistency"]["firebolt"]["tokens_match_generate"]
     assert any(str(tmp_path / "model") in n for n in result["notes"])
+
+
+# ------------------------------------------------------------------------------------------- the compiled CPU step
+def test_single_row_linear_as_reduction_equals_linear():
+    """The decoding fast path's rewrite: F.linear over one row as (x * W).sum(-1) (+ bias), equal within rounding;
+    several rows and other weight types go to F.linear unchanged."""
+    import torch.nn.functional as F
+
+    from firebolt_vl.modeling import SingleRowLinearAsReduction
+
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 40), torch.randn(48)
+    for x in (torch.randn(40), torch.randn(1, 40), torch.randn(1, 1, 40)):
+        for bias in (None, b):
+            with SingleRowLinearAsReduction():
+                y = F.linear(x, w, bias)
+            torch.testing.assert_close(y, F.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+            assert y.shape == (*x.shape[:-1], 48)
+    x = torch.randn(3, 40)
+    with SingleRowLinearAsReduction():
+        assert torch.equal(F.linear(x, w, b), F.linear(x, w, b))  # several rows: the library call itself
+        layer = torch.nn.Linear(40, 48)
+        torch.testing.assert_close(layer(x[:1]), F.linear(x[:1], layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["reduction", "default"])
+def test_compiled_decode_step_equals_eager_step(suite, mode):
+    """The static-cache step compiled with torch.compile (the CPU default: single-row Linears as reductions) against
+    each model's eager step on tiny models: the same greedy tokens and logits within fp32 rounding at every step
+    (teacher-forced), Firebolt-VL (CMM recurrence + LFM2) and the bare LFM2."""
+    from firebolt_vl.bench.core import check_compiled_step
+    from firebolt_vl.bench.runner import StaticRunner
+
+    torch._dynamo.reset()
+    static = StaticRunner(mode)
+    for name in ("firebolt", "lfm2"):
+        check = check_compiled_step(suite.variants[name], static, 6, 10)
+        assert check["compared_steps"] == 5
+        assert check["compiled_tokens_match_eager"], (name, check)
+        assert check["compiled_logits_max_rel_diff"] < 1e-4, (name, check)
+    torch._dynamo.reset()
+
+
+def test_compile_modes_and_the_cpu_default():
+    from firebolt_vl.bench.core import CPU_DECODE_COMPILE
+    from firebolt_vl.modeling import COMPILE_MODES, compile_decode_step
+
+    assert CPU_DECODE_COMPILE in COMPILE_MODES
+
+    def step(x):
+        return x + 1
+
+    assert compile_decode_step(step, "static") is step
+    with pytest.raises(ValueError, match="compile mode"):
+        compile_decode_step(step, "fast")
+
+
+def test_roofline_tools_count_and_time_matmuls():
+    from firebolt_vl.bench.measure import count_flops, measure_matmul
+
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    flops, out = count_flops(lambda: a @ b)
+    assert flops == 2 * 8 * 16 * 4 and out.shape == (8, 4)
+    g = measure_matmul([(8, 16, 4)], min_s=0.001, repeats=2)
+    assert set(g) == {"8x16x4"} and g["8x16x4"] > 0
+
+
+def test_threads_default_and_the_competitor():
+    import time
+
+    from firebolt_vl.bench.load import Competitor, default_threads
+
+    assert default_threads(1) == 1 and default_threads(2) == 2 and default_threads(16) == 2
+    with Competitor("python") as c:
+        assert c.proc.poll() is None  # running
+        t0 = time.process_time()
+    assert c.proc.poll() is not None  # ended with the block
+    assert time.process_time() - t0 < 5
+    with pytest.raises(ValueError):
+        Competitor("gpu")

@@ -45,23 +45,28 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per variant (short, 4 tokens)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per variant")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for tiny, min(2, cores) for paper; on a busy shared machine 1 "
-                        "is often faster)")
+                   help="torch CPU threads (default: 1 for tiny, else bench.load.default_threads(): min(2, cores); "
+                        "--threads-under-load measures the choice)")
     p.add_argument("--int8", action="store_true", help="CPU: int8 weights (dynamic quantization of every nn.Linear)")
     p.add_argument("--quantize", default=None,
                    help="comma-separated weight-only modes (torchao) among none,int8,int4: the Firebolt-VL model is "
                         "also benchmarked quantized, as variants firebolt_int8 / firebolt_int4 decoded side by side "
                         "with the unquantized firebolt; targets int8_decode_vs_fp / int4_decode_vs_fp")
     p.add_argument("--compile", default="auto",
-                   choices=["auto", "off", "static", "default", "reduce-overhead", "max-autotune"],
-                   help="static cache + torch.compile(mode) of the decoding step; 'static': static cache, no compile "
-                        "(auto: reduce-overhead = CUDA graphs on CUDA, off on CPU)")
+                   choices=["auto", "off", "static", "default", "reduce-overhead", "max-autotune", "reduction"],
+                   help="static cache + torch.compile(mode) of the decoding step; 'static': static cache, no compile; "
+                        "'reduction': compiled with single-row Linears as streaming reductions (auto: reduce-overhead "
+                        "= CUDA graphs on CUDA; on CPU reduction for paper / release / --model, off for tiny). On CPU "
+                        "the peers (lfm2, lfm2_vl) always decode through transformers' eager step")
     p.add_argument("--lockstep", default="auto", choices=["auto", "on", "off"],
                    help="decode the cached variants side by side, one token each in turn, every step timed "
                         "(auto: on for CPU, where a shared machine's load drifts; off on CUDA: no syncs in the loop)")
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of firebolt,firebolt_nocache,prepend,lfm2_vl,lfm2 (default: all)")
     p.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the prefill scaling sweeps")
+    p.add_argument("--threads-under-load", action="store_true",
+                   help="CPU: also time Firebolt-VL's TTFT and decoding with 1 and 2 threads, idle and beside a "
+                        "competing one-core process started by the bench (a Python busy loop, a torch matmul loop)")
     p.add_argument("--scaling-lengths", default=None, help="prompt lengths of the sweep (default 64,256,1024,4096)")
     p.add_argument("--scaling-grids", default=None, help="grid counts of the sweep (default 1,2,5,10,17)")
     p.add_argument("--llamacpp", nargs="?", const=True, default=None, metavar="SRC",
@@ -77,7 +82,8 @@ def bench(output: str, preset: str = "tiny", device: str = "auto", dtype: str | 
           threads: int | None = None, int8: bool = False, compile: str = "auto", lockstep: str = "auto", variants=None,
           scaling: bool = True,
           scaling_lengths=None, scaling_grids=None, seed: int = 0, model: str | None = None,
-          identity_tokens: int | None = None, quantize=None, adapter: str | None = None, llamacpp=None) -> int:
+          identity_tokens: int | None = None, quantize=None, adapter: str | None = None, llamacpp=None,
+          threads_under_load: bool = False) -> int:
     """CLI entry: run the benchmark, print a one-line JSON summary last."""
     import os
 
@@ -91,6 +97,7 @@ def bench(output: str, preset: str = "tiny", device: str = "auto", dtype: str | 
                        threads=threads, int8=int8, compile=compile, lockstep=lockstep, variants=variants, scaling=scaling,
                        scaling_lengths=scaling_lengths, scaling_grids=scaling_grids, seed=seed, model=model,
                        identity_tokens=identity_tokens, quantize=quantize, adapter=adapter,
+                       threads_under_load=threads_under_load,
                        argv=sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "bench" else None)
     if llamacpp:
         from .llamacpp import attach

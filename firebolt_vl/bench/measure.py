@@ -193,6 +193,38 @@ def quick_read_bandwidth(device: torch.device | str = "cpu", size_mb: int = 512,
     return best
 
 
+# ---------------------------------------------------------------------------------------------------- compute
+def measure_matmul(shapes, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                   repeats: int = 5, min_s: float = 0.05) -> dict:
+    """Matrix-multiply throughput in GFLOP/s (10^9 floating-point operations per second, 2 M K N per product) of
+    `torch.mm` at each (M, K, N) in `shapes`, with the current thread count: the compute roofline of a stage whose
+    matmuls have those shapes. Each timing repeats the product until it lasts >= min_s; best of `repeats`.
+    Returns {"MxKxN": GFLOP/s, ...}."""
+    device = torch.device(device)
+    out = {}
+    for M, K, N in shapes:
+        a = torch.randn(M, K, dtype=dtype, device=device)
+        b = torch.randn(K, N, dtype=dtype, device=device)
+        torch.mm(a, b)  # warm the kernel and the pages
+        t0 = now(device)
+        torch.mm(a, b)
+        one = max(now(device) - t0, 1e-6)
+        inner = max(1, int(min_s / one))
+        best = min(_time_best(lambda: [torch.mm(a, b) for _ in range(inner)], device, repeats)) / inner
+        out[f"{M}x{K}x{N}"] = 2 * M * K * N / best / 1e9
+    return out
+
+
+def count_flops(fn) -> tuple[float, object]:
+    """(FLOPs of the matrix products, convolutions and attention inside fn() (torch.utils.flop_counter), fn()'s
+    result). Element-wise work (norms, activations, the SSM's scans) is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = fn()
+    return float(counter.get_total_flops()), out
+
+
 # ---------------------------------------------------------------------------------------------------- streaming
 class TimingStreamer:
     """A `transformers`-style streamer that timestamps every `put`: the first call carries the prompt, each later

@@ -32,8 +32,7 @@ from .measure import PeakMemory, TimingStreamer, now, quick_read_bandwidth
 
 class StaticRunner:
     """A torch.compile'd decoding step per variant, reused across runs (static caches live on the variant).
-    mode: a torch.compile mode ("default", "reduce-overhead" = CUDA graphs, "max-autotune"), or "static" for the
-    static-cache step run eagerly."""
+    mode: see `firebolt_vl.modeling.compile_decode_step` ("static": the static-cache step run eagerly)."""
 
     def __init__(self, mode: str):
         self.mode = mode
@@ -41,10 +40,9 @@ class StaticRunner:
 
     def step_fn(self, variant):
         if variant.name not in self._fns:
-            fn = variant.static_step_fn()
-            if self.mode != "static":  # "static": static caches, eager step (no compilation)
-                fn = torch.compile(fn, mode=None if self.mode == "default" else self.mode, dynamic=False)
-            self._fns[variant.name] = fn
+            from ..modeling import compile_decode_step
+
+            self._fns[variant.name] = compile_decode_step(variant.static_step_fn(), self.mode)
         return self._fns[variant.name]
 
 
@@ -78,7 +76,8 @@ class Decoding:
             self._step = lambda t: variant.step(t, st)
 
     def advance(self) -> None:
-        self.tok = _argmax(self._step(self.tok))
+        self.logits = self._step(self.tok)  # (B, V), kept for the compiled-vs-eager check
+        self.tok = _argmax(self.logits)
         self.tokens[:, self.i : self.i + 1] = self.tok
         self.i += 1
 

@@ -6,6 +6,8 @@ Glossary
 
 Variants (same decoder size, same image, same question):
     firebolt          Firebolt-VL, CMM fusion, cached decoding: one CMM recurrence step + one LFM2 step per token
+    firebolt_eager    the same Firebolt-VL model decoded by its eager step (DynamicCache), next to the compiled one;
+                      added when the run compiles the decoding step (--compile, the CPU default)
     firebolt_nocache  the authors' released decoding, `generate(..., use_cache=False)`: vision, CMM and the whole prefix
                       recomputed for every token (timed through `generate` with a timing streamer)
     prepend           FireboltConfig(fusion_type="prepend"): one projected token per grid written into the prompt
@@ -29,6 +31,8 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 VARIANT_NAMES = ("firebolt", "firebolt_nocache", "prepend", "lfm2_vl", "lfm2")
+# not in the default list: the same Firebolt-VL model decoded by its eager step (added when the run compiles)
+EXTRA_VARIANTS = ("firebolt_eager",)
 LFM2_VL_SPECIAL_TOKENS = ["<|image_start|>", "<|image_end|>", "<|img_thumbnail|>"]
 QUESTION = "Is there a dog in the image?"  # POPE-style question, with the short-answer instruction added below
 
@@ -189,7 +193,11 @@ class Variant:
 
     # static cache + torch.compile path
     def supports_static(self) -> bool:
+        """Whether this variant decodes through the run's static cache + compiled step when the run has one."""
         return False
+
+    # False: decode through the stock eager path even when the run compiles (the peers' reference path)
+    compiled_step = True
 
     # accounting
     def prompt_tokens(self, inp: dict) -> int:
@@ -255,7 +263,7 @@ class FireboltVariant(Variant):
 
     # ---- static cache + compiled step
     def supports_static(self):
-        return self.model.config.output_mode == "replace"
+        return self.compiled_step and self.model.config.output_mode == "replace"
 
     def static_prefill(self, inp, fused, max_len: int):
         embeds, memory, state = fused
@@ -516,7 +524,7 @@ class Lfm2VlVariant(Variant):
         return out.logits[:, -1]
 
     def supports_static(self):
-        return True
+        return self.compiled_step
 
     def static_prefill(self, inp, embeds, max_len):
         mask = inp["attention_mask"]
@@ -594,7 +602,7 @@ class Lfm2Variant(Variant):
         return out.logits[:, -1]
 
     def supports_static(self):
-        return True
+        return self.compiled_step
 
     def static_prefill(self, inp, fused, max_len):
         mask = inp["attention_mask"]
@@ -734,6 +742,11 @@ def build_suite(preset_name: str, device: torch.device, dtype: torch.dtype, name
             suite.variants["firebolt"] = fb
         if "firebolt_nocache" in names:
             suite.variants["firebolt_nocache"] = FireboltNoCacheVariant(fb)
+        if "firebolt_eager" in names:  # the same model (shared weights) through the eager decoding step
+            eager = FireboltVariant("firebolt_eager", fb.model, fb.processor, image, QUESTION, device, dtype)
+            eager.compiled_step = False
+            eager.description += "; eager decoding step (DynamicCache), the reference of the compiled one"
+            suite.variants["firebolt_eager"] = eager
         for mode in quantize:
             import copy
 
