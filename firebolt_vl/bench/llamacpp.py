@@ -11,8 +11,9 @@ What it does, on the random-weight LFM2 the bench's `lfm2` variant builds (same 
        `llama-quantize model.gguf out.gguf Q4_0` writes);
     3. parity: llama.cpp's F32 logits at every position of the bench's prompt against transformers' fp32 logits
        (max |diff|, argmax agreement), and the other GGUF types against the same reference;
-    4. timing, round-robin over R rounds (the order rotating, so a shared machine's load hits every engine alike),
-       all with the same thread count: prefill of a P-token prompt (tokens/s) and greedy decoding of N tokens after
+    4. timing, round-robin over R rounds (R = the bench's --repeats, at most 3; the order rotating, so a shared machine's load hits every engine alike),
+       all with the same thread count: prefill of a P-token prompt (P = 512, llama-bench's pp512; random ids) and
+       greedy decoding of N tokens (N = the bench's --new-tokens, at most 64) after
        the bench's prompt (tokens/s over the summed step times; also the rate at the median step), for
          ours      the same LFM2 through our code path (the bench's `lfm2` loop) at fp32, and weight-only int8 / int4
                    by `firebolt_vl.quantize` (torchao: every decoder nn.Linear and the LM head);
@@ -408,6 +409,9 @@ def run_llamacpp_comparison(preset: str = "paper", threads: int | None = None, s
         result["gguf_bytes"] = {t: p.stat().st_size for t, p in built["paths"].items()}
         _log("[llamacpp] parity: llama.cpp logits vs transformers fp32")
         result["parity"] = parity(model, built["paths"], prompt_ids, threads)
+        _log("[llamacpp] conversion s " + ", ".join(f"{t} {v:.0f}" for t, v in built["seconds"].items())
+             + "; parity max |logit diff| vs fp32 " + ", ".join(f"{t} {result['parity'][t]['max_abs_diff']:.2e}"
+                                                              for t in built["paths"]))
         if time_it:
             n_ctx = max(prefill_tokens, len(prompt_ids) + new_tokens) + 16
             for m in modes:
@@ -475,8 +479,10 @@ def attach(result: dict, request, preset: str, seed: int = 0) -> dict:
         res = {"skipped": True, "reason": "the llama.cpp comparison is a CPU comparison (this run used "
                                           f"{result.get('device')})"}
     else:
+        settings = result.get("settings", {})
         res = run_llamacpp_comparison(preset=preset, threads=threads, src=src, seed=seed,
-                                      new_tokens=min(64, result.get("settings", {}).get("new_tokens", 64)))
+                                      new_tokens=min(64, settings.get("new_tokens", 64)),
+                                      rounds=max(1, min(3, settings.get("timed_repeats", 3))))
     if not res.get("skipped") and "engines" in res:
         extra = {}
         for n in ("firebolt", "firebolt_int8", "firebolt_int4"):
@@ -497,3 +503,43 @@ def attach(result: dict, request, preset: str, seed: int = 0) -> dict:
     if result.get("results_path"):
         atomic_write_text(Path(result["results_path"]), json.dumps(result, indent=1))
     return result
+
+
+def main(argv=None) -> int:
+    """`python -m firebolt_vl.bench.llamacpp`: the comparison alone (no other variant), written to OUTPUT/results.json."""
+    import argparse
+    import json
+
+    from ..processing import atomic_write_text
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--preset", default="paper", choices=["tiny", "paper"])
+    ap.add_argument("--llamacpp", default=None, metavar="SRC", help=f"llama.cpp's source tree or the sdist (or ${SRC_ENV})")
+    ap.add_argument("--threads", type=int, default=None, help="threads for both engines (default: min(2, cores))")
+    ap.add_argument("--modes", default="fp32,int8,int4", help="ours: fp32,int8,int4")
+    ap.add_argument("--types", default=",".join(GGUF_TYPES), help="llama.cpp: f32,f16,q8_0,q4_0")
+    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", required=True)
+    a = ap.parse_args(argv)
+    threads = a.threads or min(2, os.cpu_count() or 1)
+    res = run_llamacpp_comparison(preset=a.preset, threads=threads, src=a.llamacpp, seed=a.seed,
+                                  modes=tuple(x for x in a.modes.split(",") if x),
+                                  gguf_types=tuple(x for x in a.types.split(",") if x),
+                                  prefill_tokens=a.prefill_tokens, new_tokens=a.new_tokens, rounds=a.rounds)
+    res["command"] = "python -m firebolt_vl.bench.llamacpp " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(res, indent=1))
+    name, goal = GOAL
+    print(json.dumps({"skipped": res.get("skipped"), "reason": res.get("reason"), "ratios": res.get("ratios"),
+                      "goal": {name: res.get("ratios", {}).get(name), "target": f">= {goal}"},
+                      "results": str(out / "results.json")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
