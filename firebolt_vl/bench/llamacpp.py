@@ -86,7 +86,7 @@ def llama_cpp_version() -> str | None:
     """The installed llama-cpp-python's version, or None when `llama_cpp` is not importable."""
     try:
         import llama_cpp
-    except Exception:
+    except (ImportError, OSError):  # not installed, or its shared library does not load
         return None
     return getattr(llama_cpp, "__version__", "unknown")
 
@@ -152,7 +152,7 @@ def convert(hf_dir, out_path, outtype: str, src: Path) -> Path:
         raise ValueError(f"the converter writes {CONVERTER_TYPES}, not {outtype!r} (use quantize_gguf)")
     cmd = [sys.executable, "-c", _DRIVER, str(src), str(hf_dir), "--outtype", outtype, "--outfile", str(out_path)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not Path(out_path).is_file():
         raise RuntimeError(f"convert_hf_to_gguf.py --outtype {outtype} failed ({proc.returncode}):\n"
                            + (proc.stderr or proc.stdout)[-3000:])
@@ -440,7 +440,9 @@ def run_llamacpp_comparison(preset: str = "paper", threads: int | None = None, s
 def comparison_ratios(timing: dict, extra: dict | None = None) -> dict:
     """{ours}_{decode|prefill}_vs_llamacpp_{type} = ours / llama.cpp (medians over rounds). extra: {name: decode tok/s}
     of other variants of ours (e.g. Firebolt-VL from the same bench run) set against the llama.cpp types too."""
-    med = lambda n, k: (timing.get(n, {}).get(k) or {}).get("median")  # noqa: E731
+    def med(n, k):
+        return (timing.get(n, {}).get(k) or {}).get("median")
+
     out = {}
     for m, t in MATCHING:
         for what in ("decode", "prefill"):
@@ -491,8 +493,8 @@ def attach(result: dict, request, preset: str, seed: int = 0) -> dict:
                 extra[n] = e["decode_tok_s"]["median"]
         if extra:
             res["ratios"].update(comparison_ratios(res["engines"], extra))
-            res["notes"] = ["firebolt*_decode_vs_llamacpp_*: Firebolt-VL's rates from the main part of this bench run "
-                            "(timed before the llama.cpp part), against llama.cpp's from this part"]
+            res["notes"] = [("firebolt*_decode_vs_llamacpp_*: Firebolt-VL's rates from the main part of this bench "
+                             "run (timed before the llama.cpp part), against llama.cpp's from this part")]
     result["llamacpp"] = res
     name, goal = GOAL
     value = res.get("ratios", {}).get(name) if not res.get("skipped") else None
