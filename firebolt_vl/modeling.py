@@ -119,15 +119,19 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         vision: str,
         language: str,
         *,
-        native_views: bool = False,
+        native_views: bool | None = None,
         dtype: torch.dtype | None = None,
         **config_kwargs,
     ):
         """Assemble a new Firebolt-VL from a SigLIP/SigLIP2 checkpoint and a causal-LM checkpoint (local dirs or hub
         ids). The fusion module is freshly initialised; returns (model, processor).
 
-        `native_views=True` keeps the authors' view geometry (global view at image_size, tiles at tile_size);
-        otherwise every view is resized to the encoder's training size and all views go through one batched call.
+        `native_views=True` keeps the authors' view geometry (global view at image_size, tiles at tile_size: two
+        encoder calls, 256 + 4 x 64 = 512 patch tokens at the release's settings); False resizes every view to the
+        encoder's training size so all views go through one batched call (5 x 256 = 1,280 patch tokens there).
+        None (default): native when the global view is already at the encoder's training size (the release's
+        settings: a 256 px encoder, image_size 256, 128 px tiles), where resizing the tiles up would only multiply the
+        encoder's work; resized otherwise.
         """
         from transformers import AutoTokenizer
 
@@ -143,8 +147,11 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         image_token_id = ensure_image_token(tokenizer)
         if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
             lm.resize_token_embeddings(len(tokenizer))
+        native_size = encoder_native_size(encoder.config)
+        if native_views is None:
+            native_views = config_kwargs.get("image_size", FireboltConfig.image_size) == native_size
         if not native_views:
-            config_kwargs.setdefault("view_size", encoder_native_size(encoder.config))
+            config_kwargs.setdefault("view_size", native_size)
         config = FireboltConfig(
             vision_config=encoder.config.to_dict(),
             text_config=lm.config.to_dict(),
@@ -455,13 +462,18 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         return sequences
 
 
-class SingleRowLinearAsReduction(torch.overrides.TorchFunctionMode):
-    """Inside this mode `F.linear` over a single row, x (..., K) holding one row and W (N, K), is computed as the
-    element-wise product and row sum (x * W).sum(-1) (+ bias): the same maths as the matrix-vector product in a
-    different summation order (equal within float rounding). Meant for tracing a batch-1 decoding step with
-    `torch.compile` on CPU: Inductor turns the sum into a vectorised, multi-threaded streaming reduction over W that
-    reads the weights faster than the BLAS GEMV call a Linear layer otherwise becomes (see `compile_decode_step`).
-    Inputs with more than one row, and weights of other tensor types (quantized), go to F.linear unchanged."""
+class DecodeOpsAsReductions(torch.overrides.TorchFunctionMode):
+    """Inside this mode two library calls of a batch-1 decoding step are computed as element-wise products and sums
+    (the same maths in another summation order, equal within float rounding):
+
+        F.linear over a single row      x (..., K) one row, W (N, K):  (x * W).sum(-1) (+ bias)          -> (..., N)
+        F.conv1d depthwise, short input  x (B, C, L), L <= 2 k, W (C, 1, k), groups C, no padding/stride/dilation:
+                                         (x.unfold(-1, k, 1) * W).sum(-1) (+ bias)                      -> (B, C, L-k+1)
+
+    Meant for tracing the step with `torch.compile` on CPU: Inductor turns the sums into vectorised, multi-threaded
+    streaming reductions over the weights (faster than the BLAS GEMV a Linear layer otherwise becomes) and fuses the
+    few-tap convolutions of LFM2's short-conv layers (each otherwise a oneDNN call costing more than its arithmetic);
+    see `compile_decode_step`. Other inputs, and weights of other tensor types (quantized), go to the library."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -473,7 +485,25 @@ class SingleRowLinearAsReduction(torch.overrides.TorchFunctionMode):
                 if bias is not None:
                     y = y + bias
                 return y.reshape(*x.shape[:-1], weight.shape[0])
+        elif func is torch.conv1d:
+            y = _depthwise_conv1d_as_sum(*args, **kwargs)
+            if y is not None:
+                return y
         return func(*args, **kwargs)
+
+
+def _depthwise_conv1d_as_sum(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """F.conv1d for a depthwise, unpadded, unit-stride convolution over a short input as a sum over the taps, or None
+    for any other convolution. x (B, C, L), weight (C, 1, k) -> (B, C, L - k + 1)."""
+    simple = all((v if isinstance(v, int) else tuple(v)) in (s, (s,)) for v, s in ((stride, 1), (padding, 0),
+                                                                                      (dilation, 1)))
+    if not (simple and type(weight) in (torch.Tensor, nn.Parameter) and x.dim() == 3 and weight.dim() == 3):
+        return None
+    C, k = weight.shape[0], weight.shape[-1]
+    if groups != C or weight.shape[1] != 1 or x.shape[1] != C or not k <= x.shape[-1] <= 2 * k:
+        return None
+    y = (x.unfold(-1, k, 1) * weight).sum(-1)  # (B, C, L-k+1, k) * (C, 1, k) -> (B, C, L-k+1)
+    return y if bias is None else y + bias.view(1, C, 1)
 
 
 COMPILE_MODES = ("static", "default", "reduce-overhead", "max-autotune", "reduction")
@@ -483,8 +513,8 @@ def compile_decode_step(step, mode: str):
     """Compile a decoding step function for static shapes (static cache, fixed buffers).
 
     mode: a torch.compile mode ("default", "reduce-overhead" = CUDA graphs, "max-autotune"), "static" (no
-    compilation: the step as it is), or "reduction": torch.compile (default mode) with every single-row Linear traced
-    as an element-wise product + row sum (`SingleRowLinearAsReduction`), the fastest batch-1 CPU step measured
+    compilation: the step as it is), or "reduction": torch.compile (default mode) with single-row Linears and short
+    depthwise convolutions traced as products + sums (`DecodeOpsAsReductions`), the fastest batch-1 CPU step measured
     (docs/bench/README.md). The eager step stays the reference: a compiled step equals it within float rounding."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
@@ -494,7 +524,7 @@ def compile_decode_step(step, mode: str):
         inner = step
 
         def step(*args, **kwargs):
-            with SingleRowLinearAsReduction():
+            with DecodeOpsAsReductions():
                 return inner(*args, **kwargs)
 
         mode = "default"

@@ -242,26 +242,39 @@ def test_bench_a_model_directory(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- the compiled CPU step
-def test_single_row_linear_as_reduction_equals_linear():
-    """The decoding fast path's rewrite: F.linear over one row as (x * W).sum(-1) (+ bias), equal within rounding;
-    several rows and other weight types go to F.linear unchanged."""
+def test_decode_ops_as_reductions_equal_the_library_calls():
+    """The decoding fast path's rewrites, equal within rounding: F.linear over one row as (x * W).sum(-1) (+ bias),
+    LFM2's short depthwise conv1d as a sum over its taps; several rows, other convolutions and other weight types go
+    to the library unchanged."""
     import torch.nn.functional as F
 
-    from firebolt_vl.modeling import SingleRowLinearAsReduction
+    from firebolt_vl.modeling import DecodeOpsAsReductions
 
     torch.manual_seed(0)
     w, b = torch.randn(48, 40), torch.randn(48)
     for x in (torch.randn(40), torch.randn(1, 40), torch.randn(1, 1, 40)):
         for bias in (None, b):
-            with SingleRowLinearAsReduction():
+            with DecodeOpsAsReductions():
                 y = F.linear(x, w, bias)
             torch.testing.assert_close(y, F.linear(x, w, bias), atol=1e-5, rtol=1e-5)
             assert y.shape == (*x.shape[:-1], 48)
     x = torch.randn(3, 40)
-    with SingleRowLinearAsReduction():
+    with DecodeOpsAsReductions():
         assert torch.equal(F.linear(x, w, b), F.linear(x, w, b))  # several rows: the library call itself
         layer = torch.nn.Linear(40, 48)
         torch.testing.assert_close(layer(x[:1]), F.linear(x[:1], layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    cw, cb = torch.randn(16, 1, 3), torch.randn(16)
+    for L in (3, 4, 6):  # decoding: state (k - 1) + new tokens
+        xc = torch.randn(2, 16, L)
+        for bias in (None, cb):
+            ref = F.conv1d(xc, cw, bias, padding=0, groups=16)
+            with DecodeOpsAsReductions():
+                got = F.conv1d(xc, cw, bias, padding=0, groups=16)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    xc = torch.randn(2, 16, 4)
+    with DecodeOpsAsReductions():  # padded / long / not depthwise: the library
+        for args in ((cw, None, 1, 1, 1, 16), (torch.randn(8, 16, 3),)):
+            torch.testing.assert_close(F.conv1d(xc, *args), F.conv1d(xc, *args))
 
 
 @pytest.mark.parametrize("mode", ["reduction", "default"])
@@ -319,3 +332,24 @@ def test_threads_default_and_the_competitor():
     assert time.process_time() - t0 < 5
     with pytest.raises(ValueError):
         Competitor("gpu")
+
+
+def test_release_settings_build_native_views(tmp_path):
+    """from_components at the release's settings (a 256 px encoder, image 256, 128 px tiles) keeps native views: 256 +
+    4 x 64 patch tokens in two encoder calls; another image size resizes the views as before; True/False force it."""
+    from firebolt_vl.modeling import FireboltForConditionalGeneration
+    from firebolt_vl.presets import tiny_vision_config, write_component_checkpoints
+
+    vision, language = write_component_checkpoints(tmp_path, vision=tiny_vision_config("siglip", image_size=256,
+                                                                                       patch=32))
+    build = FireboltForConditionalGeneration.from_components
+    model, _ = build(str(vision), str(language), cmm_heads=2, cmm_head_dim=8, ssm_config={"d_state": 8})
+    assert model.config.view_size is None and model.config.tile_size == 128
+    with torch.no_grad():
+        assert model.encode_images(torch.randn(1, 3, 256, 256)).shape == (1, 5, 32)
+    resized, _ = build(str(vision), str(language), image_size=192, tile_size=96, cmm_heads=2, cmm_head_dim=8,
+                       ssm_config={"d_state": 8})
+    assert resized.config.view_size == 256
+    forced, _ = build(str(vision), str(language), native_views=False, cmm_heads=2, cmm_head_dim=8,
+                      ssm_config={"d_state": 8})
+    assert forced.config.view_size == 256

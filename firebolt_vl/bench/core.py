@@ -409,6 +409,16 @@ def run_bench(
                                              "first_difference": int(differ[0]) if len(differ) else None,
                                              "new_tokens": int(ref.numel())}
 
+    # ---- where one decoding step's time goes (per-op profile)
+    if dev.type == "cpu" and 1 in batches:
+        result["decode_profile"] = {}
+        for name in ("firebolt", "firebolt_eager", "lfm2"):
+            if name in suite.variants:
+                _log(f"[bench] profiling decoding steps of {name}")
+                v = suite.variants[name]
+                result["decode_profile"][name] = profile_decode_step(v, static if v.supports_static() else None,
+                                                                     new_tokens)
+
     # ---- compute roofline of the first-token stages
     if 1 in batches and any(n in suite.variants for n in ("firebolt", "lfm2_vl", "lfm2")):
         _log("[bench] compute roofline: matmul FLOPs of vision and prefill, sgemm GFLOP/s at their shapes")
@@ -421,7 +431,8 @@ def run_bench(
         counts = sorted({1, min(2, os.cpu_count() or 1), n_threads})
         result["threads_under_load"] = measure_threads(
             suite.variants["firebolt"], mode, threads=counts, new_tokens=min(24, new_tokens),
-            competitors=("python", "matmul"), progress=lambda s: _log(f"[bench] threads under load: {s}"))
+            competitors=("python", "matmul"), progress=lambda s: _log(f"[bench] threads under load: {s}"),
+            static=static)
 
     # ---- scaling sweeps
     if scaling and any(n in suite.variants for n in ("firebolt", "prepend", "lfm2_vl")):
@@ -501,6 +512,57 @@ def compute_roofline(suite, result: dict, dev: torch.device) -> dict:
     return out
 
 
+def _op_category(name: str, shapes) -> str:
+    """Where a profiled op's time goes: weights (matrix-vector products / the compiled reductions that replace them;
+    the LM head apart), attention, cache and copies, the rest."""
+    n = name.lower()
+    flat = str(shapes)
+    if any(k in n for k in ("addmm", "aten::mm", "aten::mv", "linear", "matmul")) or ("cpp_fused" in n and "sum" in n):
+        return "lm_head" if "65536" in flat else "weights"
+    if any(k in n for k in ("attention", "bmm", "softmax")):
+        return "attention"
+    if any(k in n for k in ("copy", "cat", "index", "slice", "select", "view", "stack", "scatter")):
+        return "copies_and_cache"
+    if "compiled" in n or "torch-compiled" in n:
+        return "compiled_region_overhead"
+    return "other"
+
+
+@torch.no_grad()
+def profile_decode_step(variant, static, max_new_tokens: int, steps: int = 3, top: int = 20) -> dict:
+    """torch.profiler over `steps` decoding steps (batch 1, after one warm step): per op self CPU time per step
+    (ms), its share, the input shapes, and the totals by category (`_op_category`). With a compiled step the
+    Inductor kernels show one by one only if it was compiled with torch._inductor.config.cpp.enable_kernel_profile;
+    otherwise the compiled region is one entry."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .runner import first_token
+
+    _, d = first_token(variant, 1, steps + 2, static, max_new_tokens)
+    d.advance()  # warm
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            d.advance()
+    wall = (time.perf_counter() - t0) / steps
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) / 1e3 / steps  # ms per step
+    cats: dict = {}
+    rows = []
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total):
+        ms = e.self_cpu_time_total / 1e3 / steps
+        cat = _op_category(e.key, e.input_shapes)
+        cats[cat] = cats.get(cat, 0.0) + ms
+        if len(rows) < top:
+            rows.append({"op": e.key, "calls_per_step": e.count / steps, "self_ms": ms,
+                         "share": ms / total if total else None, "input_shapes": str(e.input_shapes)[:160],
+                         "category": cat})
+    return {"variant": variant.name, "steps": steps, "step_wall_ms": wall * 1e3, "profiled_self_ms": total,
+            "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "top_ops": rows,
+            "note": "self CPU time of the calling thread's ops (intra-op worker threads run inside them); profiler "
+                    "overhead included in step_wall_ms"}
+
+
 @torch.no_grad()
 def check_compiled_step(variant, static, new_tokens: int, max_new_tokens: int) -> dict:
     """The compiled static-cache step against the variant's eager step, batch 1: both decode from the same first
@@ -518,7 +580,7 @@ def check_compiled_step(variant, static, new_tokens: int, max_new_tokens: int) -
     _, comp = first_token(variant, 1, new_tokens, static, max_new_tokens)
     diff, scale, same = 0.0, 0.0, bool(torch.equal(comp.tok, ref.tokens[:, :1]))
     for i in range(1, new_tokens):
-        comp.tok = ref.tokens[:, i - 1 : i]
+        comp.tok = ref.tokens[:, i - 1 : i].clone()  # contiguous, like the argmax it stands for (no recompile)
         comp.advance()
         diff = max(diff, float((comp.logits.float() - ref_logits[i - 1]).abs().max()))
         scale = max(scale, float(ref_logits[i - 1].abs().max()))

@@ -59,21 +59,23 @@ def default_threads(cores: int | None = None) -> int:
 
 @torch.no_grad()
 def threads_under_load(variant, compile_mode: str | None, threads=(1, 2), new_tokens: int = 24,
-                       competitors=("python",), progress=None) -> dict:
+                       competitors=("python",), progress=None, static=None) -> dict:
     """TTFT and decoding rate of `variant` (batch 1) for each thread count, idle and beside each competitor.
 
     compile_mode: the run's decode step ("off"/None: eager). Inductor's C++ kernels fix their thread count when
-    compiled, so the step is compiled again for every thread count (after the idle run of that count, whose first
-    run absorbs the compilation). Restores the thread count it found."""
+    compiled, so the step is compiled again for every other thread count than the current one, whose compiled
+    runner `static` (if given) is reused; the current count is measured first. Restores the thread count it found."""
     from .runner import StaticRunner, run_cached
 
     before = torch.get_num_threads()
+    threads = sorted(threads, key=lambda n: n != before)  # the current count first: its compiled step is reused
     rows = []
     try:
         for n in threads:
             torch.set_num_threads(n)
-            static = None
-            if compile_mode not in (None, "off"):
+            if compile_mode in (None, "off"):
+                static = None
+            elif n != before or static is None:
                 torch._dynamo.reset()
                 static = StaticRunner(compile_mode)
                 run_cached(variant, 1, 3, static, max_new_tokens=new_tokens)  # compiles for n threads
