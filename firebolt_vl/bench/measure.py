@@ -210,7 +210,7 @@ def measure_matmul(shapes, device: torch.device | str = "cpu", dtype: torch.dtyp
         torch.mm(a, b)
         one = max(now(device) - t0, 1e-6)
         inner = max(1, int(min_s / one))
-        best = min(_time_best(lambda: [torch.mm(a, b) for _ in range(inner)], device, repeats)) / inner
+        best = min(_time_best(lambda a=a, b=b, k=inner: [torch.mm(a, b) for _ in range(k)], device, repeats)) / inner
         out[f"{M}x{K}x{N}"] = 2 * M * K * N / best / 1e9
     return out
 
