@@ -25,8 +25,14 @@ def add_build_arguments(p):
     p.add_argument("--tile-size", type=int, default=128)
     p.add_argument("--tile-overlap", type=int, default=2)
     p.add_argument("--no-global-view", action="store_true")
-    p.add_argument("--native-views", action="store_true",
-                   help="encode views at their own pixel sizes (the authors' geometry) instead of the encoder's size")
+    views = p.add_mutually_exclusive_group()
+    views.add_argument("--native-views", dest="native_views", action="store_const", const=True, default=None,
+                       help="encode views at their own pixel sizes (the authors' geometry: global view + 128 px "
+                            "tiles, two encoder calls). Default: native when --image-size equals the encoder's "
+                            "training size (the release's settings, 512 patch tokens), resized otherwise")
+    views.add_argument("--resized-views", dest="native_views", action="store_const", const=False,
+                       help="resize every view to the encoder's training size (one batched encoder call; 5 x 256 = "
+                            "1,280 patch tokens at the release's settings)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -50,7 +56,7 @@ def build(
     tile_size: int = 128,
     tile_overlap: int = 2,
     no_global_view: bool = False,
-    native_views: bool = False,
+    native_views: bool | None = None,
     seed: int = 0,
 ) -> int:
     """Assemble a new model (fresh fusion module) and save it with its tokenizer and processor into `output`."""
