@@ -322,9 +322,13 @@ def test_roofline_tools_count_and_time_matmuls():
 def test_threads_default_and_the_competitor():
     import time
 
-    from firebolt_vl.bench.load import Competitor, default_threads
+    from firebolt_vl.bench.load import Competitor, busy_cores, default_threads
 
-    assert default_threads(1) == 1 and default_threads(2) == 2 and default_threads(16) == 2
+    assert default_threads(2, busy=0.1) == 2 and default_threads(2, busy=0.9) == 1 and default_threads(2, busy=2) == 1
+    assert default_threads(1, busy=None) == 1 and default_threads(16, busy=3.4) == 13
+    assert 1 <= default_threads() <= (os.cpu_count() or 1)
+    b = busy_cores(0.05)
+    assert b is None or 0 <= b <= (os.cpu_count() or 1)
     with Competitor("python") as c:
         assert c.proc.poll() is None  # running
         t0 = time.process_time()

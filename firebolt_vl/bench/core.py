@@ -130,9 +130,10 @@ def run_bench(
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt]
     # tiny matrices gain nothing from a second thread, and on a busy machine an OpenMP team waiting for a descheduled
     # thread stalls every small op: the tiny preset runs single-threaded unless told otherwise
-    from .load import default_threads
+    from .load import busy_cores, default_threads
 
-    n_threads = threads or (1 if preset == "tiny" else default_threads())
+    busy = busy_cores() if not threads and preset != "tiny" else None
+    n_threads = threads or (1 if preset == "tiny" else default_threads(busy=busy))
     torch.set_num_threads(n_threads)
     batches = _parse_ints(batch_sizes, "--batch-sizes") or ([1, 32] if dev.type == "cuda" else [1])
     default_names = ("firebolt", "firebolt_nocache") if (preset == "release" or model) else VARIANT_NAMES
@@ -190,6 +191,9 @@ def run_bench(
         "device": str(dev),
         "dtype": dtype_name,
         "threads": n_threads,
+        "threads_choice": ("given" if threads else "tiny preset: 1" if preset == "tiny" else
+                           f"bench.load.default_threads: {os.cpu_count()} cores, {busy if busy is None else round(busy, 2)} "
+                           "busy with other work at start"),
         "int8": bool(int8),
         "quantize": quant,
         "compile": mode,
@@ -432,7 +436,7 @@ def run_bench(
         result["threads_under_load"] = measure_threads(
             suite.variants["firebolt"], mode, threads=counts, new_tokens=min(24, new_tokens),
             competitors=("python", "matmul"), progress=lambda s: _log(f"[bench] threads under load: {s}"),
-            static=static)
+            static=static, max_new_tokens=new_tokens)
 
     # ---- scaling sweeps
     if scaling and any(n in suite.variants for n in ("firebolt", "prepend", "lfm2_vl")):

@@ -49,24 +49,52 @@ class Competitor:
         return False
 
 
-def default_threads(cores: int | None = None) -> int:
-    """The CPU thread count used when none is given: min(2, cores), the figures in docs/bench/README.md ("Threads
-    under load"): on the 2-core machine 2 threads decode faster than 1 when idle and do not collapse beside a
-    one-core competitor."""
+def busy_cores(interval_s: float = 0.25) -> float | None:
+    """Cores kept busy by the machine's other work right now: the non-idle share of all CPU time over `interval_s`
+    (Linux /proc/stat, sampled while this process waits) times the core count. None where /proc/stat is absent."""
+
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]  # user nice system idle iowait irq softirq steal ...
+        return sum(vals[:8]), vals[3] + vals[4]
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def default_threads(cores: int | None = None, busy: float | None = -1.0) -> int:
+    """The CPU thread count used when none is given: the cores not busy with other work, at least 1
+    (busy: cores in use elsewhere; -1 measures it now with `busy_cores`, None means unknown = idle).
+
+    Measured on the 2-core development machine (docs/bench/README.md, "Threads under load"): idle, 2 threads decode
+    ~1.7x faster than 1 and halve the time to first token; beside one busy core, 2 threads collapse (decoding 0.57x,
+    TTFT 2.2x slower than 1 thread: every parallel region waits for the thread that shares the busy core), while 1
+    thread keeps its idle speed. So: all cores when idle, one fewer per core in use elsewhere."""
     cores = cores or os.cpu_count() or 1
-    return max(1, min(2, cores))
+    if busy is not None and busy < 0:
+        busy = busy_cores()
+    return max(1, cores - int(round(busy or 0.0)))
 
 
 @torch.no_grad()
 def threads_under_load(variant, compile_mode: str | None, threads=(1, 2), new_tokens: int = 24,
-                       competitors=("python",), progress=None, static=None) -> dict:
+                       competitors=("python",), progress=None, static=None, max_new_tokens: int | None = None) -> dict:
     """TTFT and decoding rate of `variant` (batch 1) for each thread count, idle and beside each competitor.
 
     compile_mode: the run's decode step ("off"/None: eager). Inductor's C++ kernels fix their thread count when
     compiled, so the step is compiled again for every other thread count than the current one, whose compiled
-    runner `static` (if given) is reused; the current count is measured first. Restores the thread count it found."""
+    runner `static` (if given; compiled for static caches of max_new_tokens) is reused; the current count is
+    measured first. Restores the thread count it found."""
     from .runner import StaticRunner, run_cached
 
+    max_new_tokens = max(max_new_tokens or new_tokens, new_tokens)  # the compiled step's static cache length
     before = torch.get_num_threads()
     threads = sorted(threads, key=lambda n: n != before)  # the current count first: its compiled step is reused
     rows = []
@@ -78,15 +106,15 @@ def threads_under_load(variant, compile_mode: str | None, threads=(1, 2), new_to
             elif n != before or static is None:
                 torch._dynamo.reset()
                 static = StaticRunner(compile_mode)
-                run_cached(variant, 1, 3, static, max_new_tokens=new_tokens)  # compiles for n threads
+                run_cached(variant, 1, 3, static, max_new_tokens=max_new_tokens)  # compiles for n threads
             for load in ("idle", *competitors):
                 if progress is not None:
                     progress(f"{n} thread(s), {load}")
                 if load == "idle":
-                    rec = run_cached(variant, 1, new_tokens, static, max_new_tokens=new_tokens)
+                    rec = run_cached(variant, 1, new_tokens, static, max_new_tokens=max_new_tokens)
                 else:
                     with Competitor(load):
-                        rec = run_cached(variant, 1, new_tokens, static, max_new_tokens=new_tokens)
+                        rec = run_cached(variant, 1, new_tokens, static, max_new_tokens=max_new_tokens)
                 rows.append({"threads": n, "load": load, "ttft_s": rec["ttft_s"], "vision_s": rec["vision_s"],
                              "prefill_s": rec["prefill_s"], "decode_tok_s": rec["decode_tok_s"],
                              "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None})
