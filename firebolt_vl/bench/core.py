@@ -479,9 +479,9 @@ def compute_roofline(suite, result: dict, dev: torch.device) -> dict:
         if v is None or not e:
             continue
         inp = v.prepare(1)
-        vis_flops, vis = count_flops(lambda: v.vision(inp))
-        fus_flops, fused = count_flops(lambda: v.fusion(inp, vis))
-        pre_flops, _ = count_flops(lambda: v.prefill(inp, fused))
+        vis_flops, vis = count_flops(lambda v=v, inp=inp: v.vision(inp))
+        fus_flops, fused = count_flops(lambda v=v, inp=inp, vis=vis: v.fusion(inp, vis))
+        pre_flops, _ = count_flops(lambda v=v, inp=inp, fused=fused: v.prefill(inp, fused))
         T = v.prompt_tokens(inp)
         model = v.model
         if name in ("firebolt", "prepend"):

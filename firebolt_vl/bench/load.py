@@ -34,7 +34,7 @@ class Competitor:
         self.kind = kind
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Competitor":
+    def __enter__(self) -> Competitor:
         code = BUSY_LOOP if self.kind == "python" else MATMUL_LOOP
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
@@ -80,7 +80,7 @@ def default_threads(cores: int | None = None, busy: float | None = -1.0) -> int:
     cores = cores or os.cpu_count() or 1
     if busy is not None and busy < 0:
         busy = busy_cores()
-    return max(1, cores - int(round(busy or 0.0)))
+    return max(1, cores - round(busy or 0.0))
 
 
 @torch.no_grad()

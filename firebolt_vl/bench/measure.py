@@ -209,7 +209,7 @@ def measure_matmul(shapes, device: torch.device | str = "cpu", dtype: torch.dtyp
         torch.mm(a, b)  # first touch
         one = max(now(device) - t0, 1e-6)
         inner = max(1, int(min_s / one))
-        loop = lambda a=a, b=b, k=inner: [torch.mm(a, b) for _ in range(k)]  # noqa: E731
+        loop = lambda a=a, b=b, k=inner: [torch.mm(a, b) for _ in range(k)]
         loop()  # warm the kernel, the caches and the thread pool
         best = min(_time_best(loop, device, repeats)) / inner
         out[f"{M}x{K}x{N}"] = 2 * M * K * N / best / 1e9
