@@ -549,7 +549,7 @@ def test_serve_command(tiny, tmp_path):
 @pytest.mark.parametrize("scheduler", ["static", "continuous"])
 def test_engine_failure_isolated_to_the_bad_row(tiny, red_image, scheduler):
     """A failing row does not sink its batch-mates: static batches are retried row by row, continuous rows are
-    prefilled one by one; the bad row gets an error event, its batch-mate still its answer."""
+    prefilled alone once their group's prefill failed; the bad row gets an error event, its batch-mate still its answer."""
     model, processor = tiny
     engine = Engine(model, processor, max_batch_size=8, batch_wait_s=0.0, scheduler=scheduler)
     got: dict[str, list[Event]] = {"good": [], "bad": []}
@@ -742,6 +742,21 @@ def _job(processor, text, image, params, sink):
     return Job(enc["input_ids"][0].tolist(), enc["pixel_values"][0] if image is not None else None, params, sink)
 
 
+def _generated(model, processor, text, img, kw) -> tuple[str, int]:
+    """What `generate` answers alone for a job with SamplingParams(**kw): (text, completion tokens)."""
+    enc = processor(processor.build_prompt(text, img is not None), images=img)
+    gen = torch.Generator().manual_seed(kw["seed"]) if "seed" in kw else None
+    out = model.generate(**enc, max_new_tokens=kw["max_tokens"], do_sample="temperature" in kw,
+                         temperature=kw.get("temperature", 1.0), top_p=kw.get("top_p", 1.0),
+                         min_p=kw.get("min_p"), repetition_penalty=kw.get("repetition_penalty", 1.0),
+                         ignore_eos=kw.get("ignore_eos", False), generator=gen)
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    eos = model.config.text_config.eos_token_id
+    if not kw.get("ignore_eos") and eos in new:
+        new = new[: new.index(eos) + 1]
+    return processor.decode([t for t in new if t != eos], skip_special_tokens=True), len(new)
+
+
 @pytest.mark.parametrize("bypass", [False, True], ids=["cmm", "text_only_bypass"])
 def test_continuous_join_mid_flight_equals_generate(tiny_factory, red_image, bypass):
     """Requests that join a running batch mid-flight (image and text rows, greedy, seeded sampling with top_p /
@@ -776,19 +791,9 @@ def test_continuous_join_mid_flight_equals_generate(tiny_factory, red_image, byp
         assert events[-1].kind == "done", events[-1]
         if name != "long":  # it ran beside the long row, not after it
             assert rec.first("long") < rec.first(name) < long_done, name
-        enc = processor(processor.build_prompt(text, img is not None), images=img)
-        gen = torch.Generator().manual_seed(kw["seed"]) if "seed" in kw else None
-        out = model.generate(**enc, max_new_tokens=kw["max_tokens"], do_sample="temperature" in kw,
-                             temperature=kw.get("temperature", 1.0), top_p=kw.get("top_p", 1.0),
-                             min_p=kw.get("min_p"), repetition_penalty=kw.get("repetition_penalty", 1.0),
-                             ignore_eos=kw.get("ignore_eos", False), generator=gen)
-        new = out[0, enc["input_ids"].shape[1]:].tolist()
-        eos = model.config.text_config.eos_token_id
-        if not kw.get("ignore_eos") and eos in new:
-            new = new[: new.index(eos) + 1]
-        expected = processor.decode([t for t in new if t != eos], skip_special_tokens=True)
+        expected, count = _generated(model, processor, text, img, kw)
         assert "".join(e.text for e in events if e.kind == "delta") == expected, name
-        assert events[-1].completion_tokens == len(new), name
+        assert events[-1].completion_tokens == count, name
     assert engine.stats["errors"] == 0 and engine.stats["rows"] == 6
     assert engine.stats["steps"] < sum(rec.events(n)[-1].completion_tokens for n in ["long", *[j[0] for j in joiners]])
 
@@ -846,3 +851,38 @@ def test_cancelled_row_leaves_the_running_batch(tiny):
     assert rec.events("stays")[-1].finish_reason == "length" and rec.events("stays")[-1].completion_tokens == 40
     assert rec.done("gone") is None  # a cancelled job gets nothing more
     assert 40 < engine.stats["tokens"] < 100 and engine.stats["steps"] < 100
+
+
+def test_continuous_slots_move_their_window_and_grow(tiny, red_image, monkeypatch):
+    """The slot buffers start small here (8 columns), so the running rows' window is moved and the buffers grow while
+    rows decode, and a joining prompt longer than the running rows' columns moves them right: every answer still
+    equals `generate` alone, and a later job reuses a freed slot."""
+    from firebolt_vl.serve import batching
+
+    moves = []
+    move = batching.SlotBatch._move_window
+    monkeypatch.setattr(batching, "_MIN_COLUMNS", 8)
+    monkeypatch.setattr(batching.SlotBatch, "_move_window", lambda self, end: (moves.append(end), move(self, end)))
+    model, processor = tiny
+    engine = Engine(model, processor, max_batch_size=2, scheduler="continuous").start()
+    rec = _Recorder()
+    long_prompt = "is there a red circle on the left of the picture or a blue square in the middle of it"
+    specs = [("long", "hi", None, dict(max_tokens=160, ignore_eos=True)),
+             ("long_prompt", long_prompt, red_image, dict(max_tokens=30, temperature=0.9, seed=5, ignore_eos=True)),
+             ("reuse", PROMPT, None, dict(max_tokens=12, ignore_eos=True))]
+    try:
+        engine.submit(_job(processor, specs[0][1], specs[0][2], SamplingParams(**specs[0][3]), rec.sink("long")))
+        rec.wait(lambda r: len(r.events("long")) >= 20)
+        engine.submit(_job(processor, specs[1][1], specs[1][2], SamplingParams(**specs[1][3]), rec.sink("long_prompt")))
+        rec.wait(lambda r: r.done("long_prompt") is not None)
+        engine.submit(_job(processor, specs[2][1], specs[2][2], SamplingParams(**specs[2][3]), rec.sink("reuse")))
+        rec.wait(lambda r: all(r.done(n) is not None for n, *_ in specs))
+    finally:
+        engine.stop()
+    for name, text, img, kw in specs:
+        events = rec.events(name)
+        expected, count = _generated(model, processor, text, img, kw)
+        assert "".join(e.text for e in events if e.kind == "delta") == expected, name
+        assert events[-1].completion_tokens == count, name
+    assert rec.done("reuse") < rec.done("long")  # it ran beside the long row, in the slot the long prompt left
+    assert len(moves) >= 3 and engine.stats["errors"] == 0  # the first join, the long prompt, the full buffers

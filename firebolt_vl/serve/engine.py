@@ -253,7 +253,7 @@ class Engine:
     """Owns the model in one thread; `submit` jobs from any thread. Start with `start()`, stop with `stop()`."""
 
     def __init__(self, model, processor, max_batch_size: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005,
-                 scheduler: str = "continuous", prefill_tokens: int = 4096):
+                 scheduler: str = "continuous", prefill_tokens: int = 4096, max_join_wait_s: float = 0.5):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         if scheduler not in SCHEDULERS:
@@ -266,6 +266,7 @@ class Engine:
         self.max_queue = int(max_queue)
         self.batch_wait_s = float(batch_wait_s)
         self.prefill_tokens = int(prefill_tokens)  # continuous: padded prompt tokens per prefill forward
+        self.max_join_wait_s = float(max_join_wait_s)  # continuous: the longest a job waits to join (_JoinClock)
         tc = model.config.text_config
         eos = tc.eos_token_id if tc.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids: set[int] = set([eos] if isinstance(eos, int) else (eos or []))
@@ -446,31 +447,35 @@ class Engine:
 
     # ---- continuous batching (iteration-level scheduling) ----
     def _loop_continuous(self) -> None:
-        """Between two decoding steps, every waiting job that fits in a free slot is prefilled, in groups of one
-        left-padded forward each (`generate`'s prefill of a padded batch; their first tokens come from it), and joins
-        the running batch (`SlotBatch.admit`); finished or cancelled rows leave before the next step
-        (`SlotBatch.remove`), freeing their slot."""
+        """Between two decoding steps, waiting jobs that fit in free slots are prefilled, in groups of one left-padded
+        forward each (`generate`'s prefill of a padded batch; their first tokens come from it), and join the running
+        batch (`SlotBatch.admit`) when `_JoinClock` says it is time; finished or cancelled rows leave before the next
+        step (`SlotBatch.remove`), freeing their slot."""
         torch.set_grad_enabled(False)
         batch = SlotBatch(self.max_batch_size, self.model.cmm)
+        clock = _JoinClock(self.max_join_wait_s)
         while True:
+            joining: list[Job] = []
             with self._cond:
                 while not self._pending and not batch.rows and not self._stopping:
                     self._cond.wait()
                 if self._stopping:  # stop() has sent the running and waiting jobs their error already
                     return
-                joining: list[Job] = []
-                while self._pending and len(joining) < batch.free():
-                    job = self._pending.popleft()
-                    if not job.cancelled:
-                        joining.append(job)
-                if joining:
+                if self._pending and clock.due(batch.rows, len(self._pending), batch.free(), self._pending[0]):
+                    while self._pending and len(joining) < batch.free():
+                        job = self._pending.popleft()
+                        if not job.cancelled:
+                            joining.append(job)
                     self._current = [s.job for s in batch.slots] + joining
             if joining:
                 self.stats["batches"] += 1
                 for group in self._prefill_groups(joining):
+                    t0 = time.perf_counter()
                     self._join(batch, group)
+                    clock.joined(time.perf_counter() - t0)
             changed = self._release(batch) or bool(joining)
             if batch.rows:
+                t0 = time.perf_counter()
                 try:
                     tokens = batch.decode(self.model)
                 except Exception as e:  # the whole running batch is lost; the engine goes on with the next jobs
@@ -478,7 +483,9 @@ class Engine:
                     self._fail(batch.slots, e)
                     batch = SlotBatch(self.max_batch_size, self.model.cmm)
                     tokens, changed = [], True
-                self.stats["steps"] += 1 if tokens else 0
+                if tokens:
+                    self.stats["steps"] += 1
+                    clock.stepped(time.perf_counter() - t0, min(len(self._pending), batch.free()))
                 for slot, token in zip(batch.slots, tokens):
                     slot.row.step(token)
                 changed = self._release(batch) or changed
@@ -544,6 +551,34 @@ class Engine:
             if not s.job.finished:
                 self.stats["errors"] += 1
                 s.job.send(Event("error", error=error))
+
+
+class _JoinClock:
+    """When waiting jobs join the running batch. A join stalls every running row for one prefill (J seconds, measured:
+    a moving average per prefill group), and a waiting job that could run leaves its slot idle; joining at every step
+    pays J for each arrival, so arrivals are gathered while the idle time they have accumulated (row-seconds, summed
+    over the steps they waited) is below the stall a join costs (running rows x J), the rent-or-buy rule: never more
+    than twice the cost of the best schedule in hindsight, and one prefill for many arrivals under load. They join at
+    once when the batch is empty, when they fill every free slot, or when the oldest has waited `max_wait_s`."""
+
+    def __init__(self, max_wait_s: float):
+        self.max_wait_s = max_wait_s
+        self.join_s: float | None = None  # moving average of one prefill group's time
+        self.idle = 0.0  # row-seconds the waiting jobs have spent waiting for a slot they could use
+
+    def due(self, running: int, waiting: int, free: int, oldest: Job) -> bool:
+        if running == 0 or waiting >= free or self.join_s is None:
+            return free > 0
+        if time.monotonic() - oldest.submitted_at >= self.max_wait_s:
+            return True
+        return self.idle >= running * self.join_s
+
+    def joined(self, seconds: float) -> None:
+        self.join_s = seconds if self.join_s is None else 0.8 * self.join_s + 0.2 * seconds
+        self.idle = 0.0
+
+    def stepped(self, seconds: float, waiting: int) -> None:
+        self.idle += waiting * seconds
 
 
 @dataclass(eq=False)
