@@ -93,6 +93,8 @@ def build(
 
 
 def add_generate_arguments(p):
+    from .hub import THREADS_HELP
+
     p.add_argument("--model", required=True, help="Firebolt-VL model directory (or a LoRA adapter directory)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory applied on top of --model")
     p.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
@@ -106,6 +108,7 @@ def add_generate_arguments(p):
     p.add_argument("--quantize", default=None, choices=["none", "int8", "int4"],
                    help="weight-only quantization of the decoder and the CMM (torchao): none, int8, int4 "
                         "(default: as the model directory records, else none)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
 
 def generate(
@@ -120,21 +123,24 @@ def generate(
     dtype: str | None = None,
     adapter: str | None = None,
     quantize: str | None = None,
+    threads: int | None = None,
 ) -> int:
     """Print the model's answer to `prompt` about `image`."""
-    print(answer(model, prompt, image, max_new_tokens, temperature, top_p, seed, device, dtype, adapter, quantize))
+    print(answer(model, prompt, image, max_new_tokens, temperature, top_p, seed, device, dtype, adapter, quantize,
+                 threads))
     return 0
 
 
 def answer(model_dir, prompt, image=None, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, device="auto", dtype=None,
-           adapter=None, quantize=None) -> str:
+           adapter=None, quantize=None, threads=None) -> str:
     import torch
 
-    from .hub import load_model_dir, parse_dtype, resolve_device
+    from .hub import load_model_dir, parse_dtype, resolve_device, set_threads
     from .processing import load_image
 
     pil = load_image(image) if image is not None else None  # bad images fail before the model loads
     dev = resolve_device(device)
+    set_threads(dev, threads)
     model, processor = load_model_dir(model_dir, dev, parse_dtype(dtype), adapter=adapter, quantize=quantize)
     if pil is not None:
         pil = load_image(pil, processor.max_image_pixels)

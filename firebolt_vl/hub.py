@@ -134,6 +134,22 @@ def resolve_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
+THREADS_HELP = ("torch CPU threads (default on CPU: the cores not busy with other work, measured at start; on 2 cores "
+                "2 threads collapse beside one busy core: docs/bench/README.md, 'Threads under load')")
+
+
+def set_threads(device: torch.device, threads: int | None) -> None:
+    """A command's torch intra-op threads: `threads` if given, else on CPU the cores other work leaves free."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    elif device.type == "cpu":
+        from .bench.load import default_threads
+
+        torch.set_num_threads(default_threads())
+
+
 def parse_dtype(name: str | None) -> torch.dtype | None:
     table = {None: None, "auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

@@ -124,3 +124,27 @@ def test_package_name_does_not_collide_with_firebolt_sdk(tmp_path):
     code = "import firebolt, firebolt_vl.cli; assert firebolt.SDK; print(firebolt_vl.cli.build_parser().prog)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "firebolt-vl", r.stderr
+
+
+def test_thread_default_leaves_busy_cores(monkeypatch):
+    """generate / chat on CPU: --threads as given; by default the cores other work leaves free (at least one)."""
+    import torch
+
+    from firebolt_vl.bench import load
+    from firebolt_vl.hub import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(load.os, "cpu_count", lambda: 2)
+        monkeypatch.setattr(load, "busy_cores", lambda interval_s=0.25: 1.0)  # one core busy elsewhere
+        set_threads(torch.device("cpu"), None)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(load, "busy_cores", lambda interval_s=0.25: 0.1)  # idle
+        set_threads(torch.device("cpu"), None)
+        assert torch.get_num_threads() == 2
+        set_threads(torch.device("cpu"), 1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="--threads must be >= 1, got 0"):
+            set_threads(torch.device("cpu"), 0)
+    finally:
+        torch.set_num_threads(before)

@@ -142,6 +142,8 @@ def serve(
 
 # ---- chat ----
 def add_chat_arguments(p) -> None:
+    from ..hub import THREADS_HELP
+
     _model_arguments(p)
     p.add_argument("--image", default=None, help="image to talk about (change it with /image PATH)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -149,6 +151,7 @@ def add_chat_arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
 
 def chat(
@@ -163,14 +166,17 @@ def chat(
     dtype: str | None = None,
     adapter: str | None = None,
     quantize: str | None = None,
+    threads: int | None = None,
 ) -> int:
     """Interactive multi-turn chat in the terminal, answers streamed as they are generated."""
+    from ..hub import resolve_device, set_threads
     from .chat import ChatSession, run_chat
 
     if image is not None and not Path(image).is_file():
         raise FileNotFoundError(f"image file not found: {image}")
     if max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
+    set_threads(resolve_device(device), threads)
     loaded, processor = _load(model, device, dtype, adapter, quantize)
     session = ChatSession(loaded, processor, image, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seed=seed, system=system)
