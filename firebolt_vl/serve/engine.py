@@ -461,7 +461,7 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:  # stop() has sent the running and waiting jobs their error already
                     return
-                if self._pending and clock.due(batch.rows, len(self._pending), batch.free(), self._pending[0]):
+                if self._pending and clock.due(batch.rows, batch.free(), self._pending[0]):
                     while self._pending and len(joining) < batch.free():
                         job = self._pending.popleft()
                         if not job.cancelled:
@@ -558,17 +558,20 @@ class _JoinClock:
     a moving average per prefill group), and a waiting job that could run leaves its slot idle; joining at every step
     pays J for each arrival, so arrivals are gathered while the idle time they have accumulated (row-seconds, summed
     over the steps they waited) is below the stall a join costs (running rows x J), the rent-or-buy rule: never more
-    than twice the cost of the best schedule in hindsight, and one prefill for many arrivals under load. They join at
-    once when the batch is empty, when they fill every free slot, or when the oldest has waited `max_wait_s`."""
+    than twice the cost of the best schedule in hindsight, and one prefill for many arrivals under load (rows finish
+    one at a time, so joining whenever a slot frees would prefill one row per join). They join at once when the batch
+    is empty or when the oldest has waited `max_wait_s`."""
 
     def __init__(self, max_wait_s: float):
         self.max_wait_s = max_wait_s
         self.join_s: float | None = None  # moving average of one prefill group's time
         self.idle = 0.0  # row-seconds the waiting jobs have spent waiting for a slot they could use
 
-    def due(self, running: int, waiting: int, free: int, oldest: Job) -> bool:
-        if running == 0 or waiting >= free or self.join_s is None:
-            return free > 0
+    def due(self, running: int, free: int, oldest: Job) -> bool:
+        if free == 0:
+            return False
+        if running == 0 or self.join_s is None:
+            return True
         if time.monotonic() - oldest.submitted_at >= self.max_wait_s:
             return True
         return self.idle >= running * self.join_s

@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     print(header, flush=True)
     results = []
     for scheduler in schedulers:
-        server, url, timings = None, args.url, None
+        server, url, timings, engine = None, args.url, None, None
         if url is None:
             from .app import ServerConfig, ServerThread, create_app
             from .engine import Engine
@@ -276,9 +276,12 @@ def main(argv=None) -> int:
             timings = _EngineTimings(engine)  # after the app's start-up, which plugs its metrics into the engine
         try:
             for clients in client_counts:
+                before = dict(engine.stats) if engine is not None else {}
                 r = asyncio.run(_run(url, clients, plan, image_url, args.model_name if args.url else None,
                                      args.api_key, timings))
                 r["scheduler"] = scheduler
+                if engine is not None:  # static: batches run; continuous: join groups and decoding steps
+                    r["engine"] = {k: engine.stats[k] - before[k] for k in ("batches", "steps")}
                 results.append(r)
                 print(_row(scheduler, r), flush=True)
         finally:
