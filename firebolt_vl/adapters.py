@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -201,18 +200,14 @@ def write_adapter_files(model: nn.Module, directory, base_dir, fingerprint: dict
 def save_adapter(model: nn.Module, directory, base_dir, fingerprint: dict | None = None,
                  extra: dict | None = None) -> Path:
     """Write an adapter directory atomically (temp sibling + rename); returns its path."""
+    from .train.checkpoint import replace_dir
+
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
     try:
         write_adapter_files(model, tmp, base_dir, fingerprint, extra)
-        old = directory.with_name(f".{directory.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
