@@ -14,6 +14,32 @@ from pathlib import Path
 from PIL import Image
 
 
+SQUARE_COLORS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def square_image(folder: Path, color: str) -> str:
+    """`img/<color>.png` under `folder` (a 40 x 32 image of one of SQUARE_COLORS, written once); the relative path."""
+    path = folder / "img" / f"{color}.png"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 32), SQUARE_COLORS[color]).save(path)
+    return f"img/{color}.png"
+
+
+def write_color_squares(folder: Path, n: int, name: str = "train.jsonl") -> Path:
+    """n LLaVA-JSONL records with small PNG images: 'What color is the square?' -> 'The square is <colour>.'"""
+    names = list(SQUARE_COLORS)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / name, "w") as f:
+        for i in range(n):
+            color = names[i % len(names)]
+            rec = {"id": f"r{i}", "image": square_image(folder, color),
+                   "conversations": [{"from": "human", "value": "<image>\nWhat color is the square?"},
+                                     {"from": "gpt", "value": f"The square is {color}."}]}
+            f.write(json.dumps(rec) + "\n")
+    return folder / name
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")

@@ -39,6 +39,16 @@ def no_transformers_deprecations():
     assert not new, f"transformers logged a deprecation during this test: {new[0]}"
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and OpenMP threads stall badly on a busy machine
+    (modules that train use it for every test: `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_factory(tmp_path_factory):
     """build(**config overrides) -> (model in eval mode, processor), cached per set of overrides."""

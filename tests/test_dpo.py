@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from firebolt_vl.testing import SQUARE_COLORS, square_image
 from firebolt_vl.train.collate import IGNORE_INDEX
 from firebolt_vl.train.dpo import (
     PairEncodeFn,
@@ -20,28 +21,18 @@ from firebolt_vl.train.dpo import (
     sequence_logps,
 )
 
-COLORS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_pairs(folder: Path, n: int, name: str, offset: int = 0) -> Path:
     """MMPR-style pairs: 'What color is the square?' chosen = the colour, rejected = the next colour."""
-    (folder / "img").mkdir(parents=True, exist_ok=True)
-    names = list(COLORS)
+    names = list(SQUARE_COLORS)
+    folder.mkdir(parents=True, exist_ok=True)
     with open(folder / name, "w") as f:
         for i in range(n):
             color, wrong = names[(i + offset) % 4], names[(i + offset + 1) % 4]
-            path = folder / "img" / f"{color}.png"
-            if not path.exists():
-                Image.new("RGB", (40, 32), COLORS[color]).save(path)
-            f.write(json.dumps({"id": f"p{i}", "image": f"img/{color}.png", "question": "What color is the square?",
+            f.write(json.dumps({"id": f"p{i}", "image": square_image(folder, color),
+                                "question": "What color is the square?",
                                 "chosen": f"It is {color}.", "rejected": f"It is {wrong}."}) + "\n")
     return folder / name
 
@@ -78,7 +69,7 @@ def test_pair_encoding_supervises_only_the_final_answer(tiny):
 def test_dpo_loss_against_hand_computation_on_a_fixed_batch(tiny):
     model, processor = _load(tiny)
     enc = PairEncodeFn(processor, 128)
-    img = Image.new("RGB", (40, 32), COLORS["red"])
+    img = Image.new("RGB", (40, 32), SQUARE_COLORS["red"])
     recs = [{"conversations": [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}],
              "image": img, "rejected": "blue", "index": 0},
             {"conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi there"}],

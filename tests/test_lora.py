@@ -16,34 +16,13 @@ from firebolt_vl.adapters import (
     merge_lora,
     save_adapter,
 )
-from firebolt_vl.testing import train_killed_and_resumed
+from firebolt_vl.testing import train_killed_and_resumed, write_color_squares
 from firebolt_vl.train.recipe import LoraSpec, RecipeError, StageConfig, from_dict
 
 REPO = Path(__file__).resolve().parent.parent
-COLORS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def write_colors(folder: Path, n: int, name: str = "train.jsonl") -> Path:
-    (folder / "img").mkdir(parents=True, exist_ok=True)
-    names = list(COLORS)
-    with open(folder / name, "w") as f:
-        for i in range(n):
-            color = names[i % len(names)]
-            path = folder / "img" / f"{color}.png"
-            if not path.exists():
-                Image.new("RGB", (40, 32), COLORS[color]).save(path)
-            f.write(json.dumps({"id": f"r{i}", "image": f"img/{color}.png", "conversations": [
-                {"from": "human", "value": "<image>\nWhat color is the square?"},
-                {"from": "gpt", "value": f"The square is {color}."}]}) + "\n")
-    return folder / name
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +156,8 @@ def test_lora_sigkill_and_resume_matches_uninterrupted_run(tmp_path, base_dir):
 
     from firebolt_vl.train import read_metrics
 
-    write_colors(tmp_path / "data", 12)
-    write_colors(tmp_path / "data", 4, "val.jsonl")
+    write_color_squares(tmp_path / "data", 12)
+    write_color_squares(tmp_path / "data", 4, "val.jsonl")
     recipe = {
         "name": "lorakill", "seed": 3,
         "runtime": {"precision": "fp32", "progress": False},
@@ -217,7 +196,7 @@ def test_lora_stage_trains_only_adapters_and_hands_over(tmp_path, base_dir):
     from firebolt_vl.train import run_recipe
     from firebolt_vl.train.recipe import recipe_from_dict
 
-    write_colors(tmp_path / "data", 8)
+    write_color_squares(tmp_path / "data", 8)
     stage = {"data": {"train": ["train.jsonl"]}, "batch_size": 4, "max_steps": 2, "max_length": 64,
              "optim": {"warmup_steps": 0}}
     recipe = recipe_from_dict({"name": "two", "runtime": {"progress": False}, "stages": [

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from firebolt_vl.testing import train_killed_and_resumed
+from firebolt_vl.testing import train_killed_and_resumed, write_color_squares
 from firebolt_vl.train import checkpoint as ckpt
 from firebolt_vl.train.collate import IGNORE_INDEX, Encoded, SkipExample, collate, encode_conversation
 from firebolt_vl.train.data import ListSource, SourceStream
@@ -22,33 +22,8 @@ TWO_TURNS = [
     {"from": "human", "value": "Sure?"},
     {"from": "gpt", "value": "yes"},
 ]
-COLORS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
-
-def write_llava(folder: Path, n: int, name: str = "train.jsonl") -> Path:
-    """n LLaVA-JSONL records with small PNG images: 'What color is the square?' -> the colour."""
-    (folder / "img").mkdir(parents=True, exist_ok=True)
-    names = list(COLORS)
-    with open(folder / name, "w") as f:
-        for i in range(n):
-            color = names[i % len(names)]
-            path = folder / "img" / f"{color}.png"
-            if not path.exists():
-                Image.new("RGB", (40, 32), COLORS[color]).save(path)
-            rec = {"id": f"r{i}", "image": f"img/{color}.png",
-                   "conversations": [{"from": "human", "value": "<image>\nWhat color is the square?"},
-                                     {"from": "gpt", "value": f"The square is {color}."}]}
-            f.write(json.dumps(rec) + "\n")
-    return folder / name
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP threads stall badly on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -287,8 +262,8 @@ def test_loss_decreases_on_tiny_overfit_set(tmp_path):
     from firebolt_vl.train import read_metrics, run_stage
     from firebolt_vl.train.recipe import RuntimeConfig
 
-    data = write_llava(tmp_path / "data", 40)  # 10 steps per epoch
-    val = write_llava(tmp_path / "data", 8, "val.jsonl")
+    data = write_color_squares(tmp_path / "data", 40)  # 10 steps per epoch
+    val = write_color_squares(tmp_path / "data", 8, "val.jsonl")
     model, processor = build_tiny(tmp_path / "parts", seed=0, init_std=0.02)
     stage = _one_stage(tmp_path, max_steps=30, save_every=10, eval_every=10,
                        data={"train": [str(data)], "val": [str(val)]})
@@ -315,7 +290,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     from firebolt_vl.train import run_stage
     from firebolt_vl.train.recipe import RuntimeConfig
 
-    data = write_llava(tmp_path / "data", 8)
+    data = write_color_squares(tmp_path / "data", 8)
     model, processor = build_tiny(tmp_path / "parts", seed=0, init_std=0.02)
     stage = _one_stage(tmp_path, max_steps=4, save_every=2, data={"train": [str(data)]})
     real = ckpt.write_model_files
@@ -351,8 +326,8 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tiny_dir):
 
     from firebolt_vl.train import read_metrics
 
-    write_llava(tmp_path / "data", 12)
-    write_llava(tmp_path / "data", 4, "val.jsonl")
+    write_color_squares(tmp_path / "data", 12)
+    write_color_squares(tmp_path / "data", 4, "val.jsonl")
     recipe = {
         "name": "killtest", "seed": 3,
         "runtime": {"precision": "fp32", "progress": False},
@@ -388,7 +363,7 @@ def test_recipe_stages_hand_over_and_resume_skips_finished(tmp_path, tiny_dir, c
     from firebolt_vl.hub import load_model_dir
     from firebolt_vl.train import run_recipe
 
-    write_llava(tmp_path / "data", 8)
+    write_color_squares(tmp_path / "data", 8)
     stage = {"data": {"train": ["train.jsonl"]}, "batch_size": 4, "max_steps": 2, "max_length": 64,
              "optim": {"warmup_steps": 0}}
     recipe = recipe_from_dict({"name": "two", "runtime": {"progress": False}, "stages": [
