@@ -45,8 +45,8 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per variant (short, 4 tokens)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per variant")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for tiny, else bench.load.default_threads(): min(2, cores); "
-                        "--threads-under-load measures the choice)")
+                   help="torch CPU threads (default: 1 for tiny, else bench.load.default_threads(): the cores not "
+                        "busy with other work at start; --threads-under-load measures the choice)")
     p.add_argument("--int8", action="store_true", help="CPU: int8 weights (dynamic quantization of every nn.Linear)")
     p.add_argument("--quantize", default=None,
                    help="comma-separated weight-only modes (torchao) among none,int8,int4: the Firebolt-VL model is "
