@@ -329,20 +329,25 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         shift_labels = labels[:, 1:].reshape(-1).to(logits.device)  # (B*(T-1),)
         return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
 
+    def step_embeds(self, input_ids: torch.Tensor, memory: GridMemory | None, ssm_state):
+        """New tokens (B, t) after a cached prefix -> decoder inputs (B, t, D) and the CMM's SSM state after them."""
+        embeds = self.get_input_embeddings()(input_ids)  # (B, t, D)
+        bypass = self.config.text_only_bypass and memory is None  # no image in the batch: raw embeddings
+        if self.cmm is not None and self.config.output_mode == "replace" and not bypass:
+            raw = embeds
+            if input_ids.shape[1] == 1:
+                out, ssm_state = self.cmm.step(embeds[:, 0], memory, ssm_state)
+                embeds = out.unsqueeze(1)
+            else:
+                embeds, ssm_state = self.cmm(embeds, memory, state=ssm_state)
+            if self.config.text_only_bypass:
+                embeds = torch.where(memory.present.view(-1, 1, 1), embeds, raw)
+        return embeds, ssm_state
+
     def decode_step(self, input_ids: torch.Tensor, cache: FireboltCache, logits_to_keep: int = 0) -> FireboltOutput:
         """New tokens (B, t) after the cached prefix: one CMM recurrence + one decoder step each."""
         t = input_ids.shape[1]
-        embeds = self.get_input_embeddings()(input_ids)  # (B, t, D)
-        bypass = self.config.text_only_bypass and cache.memory is None  # no image in the batch: raw embeddings
-        if self.cmm is not None and self.config.output_mode == "replace" and not bypass:
-            raw = embeds
-            if t == 1:
-                out, cache.ssm_state = self.cmm.step(embeds[:, 0], cache.memory, cache.ssm_state)
-                embeds = out.unsqueeze(1)
-            else:
-                embeds, cache.ssm_state = self.cmm(embeds, cache.memory, state=cache.ssm_state)
-            if self.config.text_only_bypass:
-                embeds = torch.where(cache.memory.present.view(-1, 1, 1), embeds, raw)
+        embeds, cache.ssm_state = self.step_embeds(input_ids, cache.memory, cache.ssm_state)
         ones = cache.attention_mask.new_ones(input_ids.shape[0], t)
         cache.attention_mask = torch.cat([cache.attention_mask, ones], dim=1)
         position_ids = cache.positions.unsqueeze(1) + torch.arange(1, t + 1, device=input_ids.device)  # (B, t)
@@ -357,6 +362,16 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         )
         cache.lm = out.cache
         return FireboltOutput(logits=out.logits, cache=cache)
+
+    def static_decoder(self):
+        """This model's `StaticDecoder` (static caches + compiled decoding steps, firebolt_vl.static_decoding),
+        made on first use; a deep copy of the model makes its own."""
+        from .static_decoding import StaticDecoder
+
+        decoder = self.__dict__.get("_static_decoder")
+        if decoder is None or decoder.owner != id(self):
+            decoder = self.__dict__["_static_decoder"] = StaticDecoder(self)
+        return decoder
 
     # ---- generation ----
     def _default_ids(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
@@ -388,6 +403,7 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
         streamer=None,
+        compile: str | None = None,
         **unused,
     ) -> torch.LongTensor:
         """Greedy or sampled decoding; returns (B, T + new) token ids like `transformers`' generate.
@@ -397,6 +413,10 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
         `ignore_eos=True` always produces max_new_tokens tokens (benchmarks). `repetition_penalty` (CTRL's, as
         transformers: a seen token's logit is divided by it when positive, multiplied when negative) counts the row's
         own tokens only, never its left padding, so a batched row still equals the row run alone.
+
+        `compile` (with the cache): decode through a static cache and one compiled step (firebolt_vl.static_decoding;
+        "reduction" is the fastest batch-1 CPU step, "static" the same layout uncompiled, None the eager step). The
+        same tokens within float rounding; each new (batch, length bucket) compiles once, worth it over many answers.
         """
         unknown = set(unused) - {"output_scores", "return_dict_in_generate", "num_beams", "token_type_ids"}
         if unknown:
@@ -433,14 +453,20 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
             probs = warpers(sequences, logits).softmax(-1)
             return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-        if use_cache:
+        if compile is not None and use_cache:
+            from .static_decoding import check_compile_mode, length_bucket
+
+            logits, static_step = self.static_decoder().start(
+                input_ids, attention_mask, pixel_values, length_bucket(prompt_len + max_new_tokens),
+                check_compile_mode(compile))
+        elif use_cache:
             out = self(input_ids, attention_mask, pixel_values, use_cache=True, logits_to_keep=1)
-            cache = out.cache
+            logits, cache = out.logits[:, -1], out.cache
         else:
-            pool = attention_mask
-            out = self(input_ids, attention_mask, pixel_values, logits_to_keep=1, pool_mask=pool)
+            out = self(input_ids, attention_mask, pixel_values, logits_to_keep=1, pool_mask=attention_mask)
+            logits = out.logits[:, -1]
         for step in range(max_new_tokens):
-            nxt = choose(out.logits[:, -1])  # (B,)
+            nxt = choose(logits)  # (B,)
             if eos_t is not None:
                 nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
                 unfinished = unfinished & ~torch.isin(nxt, eos_t)
@@ -451,84 +477,17 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
                 streamer.put(nxt.cpu())
             if step == max_new_tokens - 1 or (eos_t is not None and not bool(unfinished.any())):
                 break
-            if use_cache:
-                out = self.decode_step(nxt[:, None], cache, logits_to_keep=1)
+            if compile is not None and use_cache:
+                logits = static_step(nxt[:, None])
+            elif use_cache:
+                logits = self.decode_step(nxt[:, None], cache, logits_to_keep=1).logits[:, -1]
             else:
                 mask = torch.cat([attention_mask, attention_mask.new_ones(input_ids.shape[0], sequences.shape[1] - prompt_len)], 1)
                 pool = F.pad(attention_mask, (0, sequences.shape[1] - prompt_len))
-                out = self(sequences, mask, pixel_values, logits_to_keep=1, pool_mask=pool)
+                logits = self(sequences, mask, pixel_values, logits_to_keep=1, pool_mask=pool).logits[:, -1]
         if streamer is not None:
             streamer.end()
         return sequences
-
-
-class DecodeOpsAsReductions(torch.overrides.TorchFunctionMode):
-    """Inside this mode two library calls of a batch-1 decoding step are computed as element-wise products and sums
-    (the same maths in another summation order, equal within float rounding):
-
-        F.linear over a single row      x (..., K) one row, W (N, K):  (x * W).sum(-1) (+ bias)          -> (..., N)
-        F.conv1d depthwise, short input  x (B, C, L), L <= 2 k, W (C, 1, k), groups C, no padding/stride/dilation:
-                                         (x.unfold(-1, k, 1) * W).sum(-1) (+ bias)                      -> (B, C, L-k+1)
-
-    Meant for tracing the step with `torch.compile` on CPU: Inductor turns the sums into vectorised, multi-threaded
-    streaming reductions over the weights (faster than the BLAS GEMV a Linear layer otherwise becomes) and fuses the
-    few-tap convolutions of LFM2's short-conv layers (each otherwise a oneDNN call costing more than its arithmetic);
-    see `compile_decode_step`. Other inputs, and weights of other tensor types (quantized), go to the library."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if type(weight) in (torch.Tensor, nn.Parameter) and weight.dim() == 2 and x.numel() == x.shape[-1]:
-                y = (x.reshape(1, -1) * weight).sum(-1)  # (N,)
-                if bias is not None:
-                    y = y + bias
-                return y.reshape(*x.shape[:-1], weight.shape[0])
-        elif func is torch.conv1d:
-            y = _depthwise_conv1d_as_sum(*args, **kwargs)
-            if y is not None:
-                return y
-        return func(*args, **kwargs)
-
-
-def _depthwise_conv1d_as_sum(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """F.conv1d for a depthwise, unpadded, unit-stride convolution over a short input as a sum over the taps, or None
-    for any other convolution. x (B, C, L), weight (C, 1, k) -> (B, C, L - k + 1)."""
-    simple = all((v if isinstance(v, int) else tuple(v)) in (s, (s,)) for v, s in ((stride, 1), (padding, 0),
-                                                                                      (dilation, 1)))
-    if not (simple and type(weight) in (torch.Tensor, nn.Parameter) and x.dim() == 3 and weight.dim() == 3):
-        return None
-    C, k = weight.shape[0], weight.shape[-1]
-    if groups != C or weight.shape[1] != 1 or x.shape[1] != C or not k <= x.shape[-1] <= 2 * k:
-        return None
-    y = (x.unfold(-1, k, 1) * weight).sum(-1)  # (B, C, L-k+1, k) * (C, 1, k) -> (B, C, L-k+1)
-    return y if bias is None else y + bias.view(1, C, 1)
-
-
-COMPILE_MODES = ("static", "default", "reduce-overhead", "max-autotune", "reduction")
-
-
-def compile_decode_step(step, mode: str):
-    """Compile a decoding step function for static shapes (static cache, fixed buffers).
-
-    mode: a torch.compile mode ("default", "reduce-overhead" = CUDA graphs, "max-autotune"), "static" (no
-    compilation: the step as it is), or "reduction": torch.compile (default mode) with single-row Linears and short
-    depthwise convolutions traced as products + sums (`DecodeOpsAsReductions`), the fastest batch-1 CPU step measured
-    (docs/bench/README.md). The eager step stays the reference: a compiled step equals it within float rounding."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
-    if mode == "static":
-        return step
-    if mode == "reduction":
-        inner = step
-
-        def step(*args, **kwargs):
-            with DecodeOpsAsReductions():
-                return inner(*args, **kwargs)
-
-        mode = "default"
-    return torch.compile(step, mode=None if mode == "default" else mode, dynamic=False)
 
 
 def load_vision_tower(path_or_id: str, dtype: torch.dtype | None = None) -> PreTrainedModel:

@@ -248,7 +248,7 @@ def test_decode_ops_as_reductions_equal_the_library_calls():
     to the library unchanged."""
     import torch.nn.functional as F
 
-    from firebolt_vl.modeling import DecodeOpsAsReductions
+    from firebolt_vl.static_decoding import DecodeOpsAsReductions
 
     torch.manual_seed(0)
     w, b = torch.randn(48, 40), torch.randn(48)
@@ -297,7 +297,7 @@ def test_compiled_decode_step_equals_eager_step(suite, mode):
 
 def test_compile_modes_and_the_cpu_default():
     from firebolt_vl.bench.core import CPU_DECODE_COMPILE
-    from firebolt_vl.modeling import COMPILE_MODES, compile_decode_step
+    from firebolt_vl.static_decoding import COMPILE_MODES, compile_decode_step
 
     assert CPU_DECODE_COMPILE in COMPILE_MODES
 

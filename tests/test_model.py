@@ -101,6 +101,8 @@ def test_cached_generation_equals_recompute_and_rows_equal_alone(tiny_factory, r
     cached = model.generate(**batch, max_new_tokens=10, ignore_eos=True)
     recomputed = model.generate(**batch, max_new_tokens=10, ignore_eos=True, use_cache=False)
     assert torch.equal(cached, recomputed)
+    static = model.generate(**batch, max_new_tokens=10, ignore_eos=True, compile="static")  # static cache, eager
+    assert torch.equal(cached, static)
     new = cached[:, -10:]
     assert len(set(map(tuple, new.tolist()))) > 1 or len(set(new[0].tolist())) > 1  # not a degenerate constant
     for i, text in enumerate(texts):
@@ -119,6 +121,40 @@ def test_text_only_and_mixed_batches(tiny_factory, red_image):
     assert torch.equal(out, ref)
     alone = model.generate(**processor([texts[0]]), max_new_tokens=6, ignore_eos=True)
     assert torch.equal(alone[0, -6:], out[0, -6:])
+
+
+@pytest.mark.parametrize("bypass", [False, True], ids=["cmm", "release-bypass"])
+def test_compiled_generate_equals_eager_generate(tiny_factory, red_image, bypass):
+    """generate(compile="reduction"): static cache + torch.compile'd step gives the eager step's tokens, greedy and
+    seeded sampling with a repetition penalty, on a left-padded batch mixing text-only and image rows."""
+    import copy
+
+    model, processor = tiny_factory(fusion_type="cmm", ssm_type="s4", text_only_bypass=bypass)
+    texts = [processor.build_prompt("Hello there", False), processor.build_prompt("What color is it, really?", True),
+             processor.build_prompt("Hm?", True)]
+    batch = processor(texts, images=[None, red_image, red_image])
+    greedy = dict(max_new_tokens=12, ignore_eos=True, repetition_penalty=1.3)
+    eager = model.generate(**batch, **greedy)
+    assert torch.equal(model.generate(**batch, **greedy, compile="reduction"), eager)
+    sampled = dict(max_new_tokens=12, ignore_eos=True, do_sample=True, temperature=1.5, top_p=0.9)
+    ref = model.generate(**batch, **sampled, generator=torch.Generator().manual_seed(3))
+    out = model.generate(**batch, **sampled, generator=torch.Generator().manual_seed(3), compile="reduction")
+    assert torch.equal(out, ref)
+    with torch.inference_mode():  # eval's mode: its own buffers (inference tensors are read-only outside it)
+        assert torch.equal(model.generate(**batch, **greedy, compile="reduction"), eager)
+    decoder = model.static_decoder()
+    assert decoder is model.static_decoder() and len(decoder._steps) == 1  # one compiled step, reused
+    assert {k[:2] for k in decoder._buffers} == {(3, 256)}  # batch 3, the 256-column bucket
+    twin = copy.deepcopy(model)  # a copy must not decode with the original's compiled step
+    assert twin.static_decoder() is not decoder and twin.static_decoder().model is twin
+    with pytest.raises(ValueError, match="compile mode"):
+        model.generate(**batch, max_new_tokens=2, compile="fast")
+
+
+def test_length_buckets():
+    from firebolt_vl.static_decoding import length_bucket
+
+    assert [length_bucket(n) for n in (1, 256, 257, 600, 1024, 1025)] == [256, 256, 512, 1024, 1024, 2048]
 
 
 def test_image_changes_the_answer_distribution(tiny_factory, red_image):

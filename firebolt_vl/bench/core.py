@@ -151,7 +151,7 @@ def run_bench(
     slow_nocache = real_shapes and dev.type == "cpu"
     n_nocache = nocache_tokens or (16 if slow_nocache else min(new_tokens, 64))
     n_nocache = max(2, min(n_nocache, new_tokens))
-    from ..modeling import COMPILE_MODES
+    from ..static_decoding import COMPILE_MODES
 
     mode = compile
     if mode == "auto":

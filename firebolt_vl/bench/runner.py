@@ -32,7 +32,7 @@ from .measure import PeakMemory, TimingStreamer, now, quick_read_bandwidth
 
 class StaticRunner:
     """A torch.compile'd decoding step per variant, reused across runs (static caches live on the variant).
-    mode: see `firebolt_vl.modeling.compile_decode_step` ("static": the static-cache step run eagerly)."""
+    mode: see `firebolt_vl.static_decoding.compile_decode_step` ("static": the static-cache step run eagerly)."""
 
     def __init__(self, mode: str):
         self.mode = mode
@@ -40,7 +40,7 @@ class StaticRunner:
 
     def step_fn(self, variant):
         if variant.name not in self._fns:
-            from ..modeling import compile_decode_step
+            from ..static_decoding import compile_decode_step
 
             self._fns[variant.name] = compile_decode_step(variant.static_step_fn(), self.mode)
         return self._fns[variant.name]
@@ -54,7 +54,7 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
 class Decoding:
     """A variant after its prefill: `advance()` decodes one more token (no host sync), `tokens` holds them all."""
 
-    def __init__(self, variant, st, tok: torch.Tensor, new_tokens: int, static: StaticRunner | None, T: int):
+    def __init__(self, variant, st, tok: torch.Tensor, new_tokens: int, static: StaticRunner | None):
         self.variant, self.st, self.tok = variant, st, tok
         self.tokens = torch.empty(tok.shape[0], new_tokens, dtype=torch.long, device=tok.device)
         self.tokens[:, :1] = tok
@@ -62,9 +62,7 @@ class Decoding:
         self.step_times: list[float] = []
         if static is not None and variant.supports_static():
             fn = static.step_fn(variant)
-            full_mask = st.prompt_mask.new_ones(tok.shape[0], st.max_len)
-            full_mask[:, :T] = st.prompt_mask
-            pos = st.prompt_mask.long().sum(-1, keepdim=True)  # (B, 1) position of the first new token
+            full_mask, pos = st.full_mask(), st.first_positions()  # (B, L), (B, 1)
 
             def stepper(t):
                 logits = fn(t, pos, full_mask, st.lm_cache, st.memory, st.ssm_state)
@@ -115,7 +113,7 @@ def first_token(variant, batch: int, new_tokens: int, static: StaticRunner | Non
         "prompt_tokens": T,
         "new_tokens": new_tokens,
     }
-    return rec, Decoding(variant, st, tok, new_tokens, static if use_static else None, T)
+    return rec, Decoding(variant, st, tok, new_tokens, static if use_static else None)
 
 
 def _finish(rec: dict, d: Decoding, decode_s: float, batch: int) -> dict:

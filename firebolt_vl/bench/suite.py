@@ -30,6 +30,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from ..static_decoding import StaticState
+
 VARIANT_NAMES = ("firebolt", "firebolt_nocache", "prepend", "lfm2_vl", "lfm2")
 # not in the default list: the same Firebolt-VL model decoded by its eager step (added when the run compiles)
 EXTRA_VARIANTS = ("firebolt_eager",)
@@ -267,41 +269,12 @@ class FireboltVariant(Variant):
 
     def static_prefill(self, inp, fused, max_len: int):
         embeds, memory, state = fused
-        mask = inp["attention_mask"]
-        lm_cache = static_cache(self, self.model.config.text_config, mask.shape[0], max_len)
-        if state is not None:  # the SSM state lives in fixed buffers (static addresses for CUDA graphs)
-            key = ("ssm", mask.shape[0])
-            if key not in self._buffers:
-                self._buffers[key] = tuple(_static(torch.empty_like(t)) for t in state)
-            for buf, t in zip(self._buffers[key], state):
-                buf.copy_(t)
-            state = self._buffers[key]
-        if memory is not None and callable(getattr(self.model.cmm, "film_tables", None)):
-            self.model.cmm.film_tables(memory)  # made eagerly, before the compiled step reads them
-        if self.model.cmm is not None and callable(getattr(self.model.cmm.ssm, "_step_params", None)):
-            self.model.cmm.ssm._step_params()  # the SSM's cached step tensors, likewise
-            if getattr(self.model.cmm.ssm, "window", None):
-                self.model.cmm.ssm._window_dB()  # and the windowed S4's dA^W dB
-        out = self.model.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                        position_ids=self.model._positions(mask), cache=lm_cache,
-                                        use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], _StaticState(lm_cache, mask, max_len, memory, state)
+        return self.model.static_decoder().prefill(embeds, inp["attention_mask"], memory, state, max_len)
 
     def static_step_fn(self):
-        model = self.model
+        from ..static_decoding import static_step
 
-        def step(tok, pos, full_mask, lm_cache, memory, ssm_state):
-            embeds = model.get_input_embeddings()(tok)  # (B, 1, D)
-            if model.cmm is not None:
-                out, new_state = model.cmm.step(embeds[:, 0], memory, ssm_state)
-                for old, new in zip(ssm_state, new_state):
-                    old.copy_(new)  # in place: static addresses for CUDA graphs
-                embeds = out.unsqueeze(1)
-            logits = model.language_model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos,
-                                          cache=lm_cache, use_cache=True, logits_to_keep=1).logits
-            return logits[:, -1]
-
-        return step
+        return static_step(self.model)
 
     # ---- accounting
     def weight_bytes(self, batch):
@@ -328,33 +301,17 @@ class FireboltVariant(Variant):
         return torch.empty((), dtype=self.dtype).element_size()
 
 
-def _static(t: torch.Tensor) -> torch.Tensor:
-    """Tag a buffer as living at a fixed address (lets torch.compile's CUDA graphs keep it in place)."""
-    if not torch.compiler.is_compiling():
-        torch._dynamo.mark_static_address(t)
-    return t
-
-
 def static_cache(variant: "Variant", text_config, batch: int, max_len: int):
     """A transformers StaticCache for (batch, max_len), created once per variant and reset for every run."""
-    from transformers import StaticCache
+    from ..static_decoding import new_static_cache
 
     key = ("lm", batch, max_len)
     cache = variant._buffers.get(key)
     if cache is None:
-        cache = variant._buffers[key] = StaticCache(config=text_config, max_cache_len=max_len)
+        cache = variant._buffers[key] = new_static_cache(text_config, max_len)
     else:
         cache.reset()
     return cache
-
-
-@dataclass
-class _StaticState:
-    lm_cache: object
-    prompt_mask: torch.Tensor
-    max_len: int
-    memory: object = None
-    ssm_state: tuple | None = None
 
 
 def _cmm_uses_film_tables(cmm) -> bool:
@@ -531,7 +488,7 @@ class Lfm2VlVariant(Variant):
         cache = static_cache(self, self.model.config.text_config, mask.shape[0], max_len)
         out = self.model(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True,
                          logits_to_keep=1)
-        return out.logits[:, -1], _StaticState(cache, mask, max_len)
+        return out.logits[:, -1], StaticState(cache, mask, max_len)
 
     def static_step_fn(self):
         model = self.model
@@ -609,7 +566,7 @@ class Lfm2Variant(Variant):
         cache = static_cache(self, self.model.config, mask.shape[0], max_len)
         out = self.model(input_ids=inp["input_ids"], attention_mask=mask, cache=cache, use_cache=True,
                          logits_to_keep=1)
-        return out.logits[:, -1], _StaticState(cache, mask, max_len)
+        return out.logits[:, -1], StaticState(cache, mask, max_len)
 
     def static_step_fn(self):
         model = self.model
