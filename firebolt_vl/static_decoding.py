@@ -170,9 +170,10 @@ def static_step(model):
 
     def step(tok, pos, full_mask, lm_cache, memory, ssm_state):
         embeds, new_state = model.step_embeds(tok, memory, ssm_state)  # (B, 1, D)
-        if ssm_state is not None and new_state is not ssm_state:
+        if ssm_state is not None:
             for old, new in zip(ssm_state, new_state):
-                old.copy_(new)  # in place: fixed addresses
+                if new is not old:  # the CMM stepped (not a text-only batch, not "pooled")
+                    old.copy_(new)  # in place: fixed addresses
         logits = model.language_model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos,
                                       cache=lm_cache, use_cache=True, logits_to_keep=1).logits
         return logits[:, -1]

@@ -97,6 +97,29 @@ def test_interrupted_eval_resumes_to_the_same_scores(model_dir, synth, ref_run, 
     assert {r["question_id"]: r["answer"] for r in final} == ref
 
 
+def test_compiled_eval_gives_the_same_predictions(model_dir, synth, ref_run, tmp_path, capsys):
+    """`eval --compile MODE` decodes through generate(compile=MODE) and answers every question as the eager run does
+    (mode "static": the static-cache layout uncompiled; the compiled modes equal it, tests/test_model.py); run.json
+    records the mode; an unknown mode is one line with exit 2 before anything loads."""
+    from firebolt_vl.modeling import FireboltForConditionalGeneration
+
+    seen = []
+    real_generate = FireboltForConditionalGeneration.generate
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FireboltForConditionalGeneration, "generate",
+                   lambda self, *a, **kw: seen.append(kw.get("compile")) or real_generate(self, *a, **kw))
+        out = tmp_path / "compiled"
+        assert cli_main(eval_args(model_dir, synth, out, "--split", "test", "--compile", "static")) == 0
+    assert seen and set(seen) == {"static"}
+    ref = {r["question_id"]: r["answer"] for r in lines_of(ref_run[0] / PREDICTIONS_FILE)}
+    assert {r["question_id"]: r["answer"] for r in lines_of(out / PREDICTIONS_FILE)} == ref
+    assert json.loads((out / "run.json").read_text())["compile"] == "static"
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert cli_main(eval_args(model_dir, synth, bad, "--compile", "fast")) == 2
+    assert "compile mode" in capsys.readouterr().err and not bad.exists()
+
+
 def test_score_command_reproduces_score(synth, ref_run, capsys):
     out = ref_run[0]
     pred = out / PREDICTIONS_FILE

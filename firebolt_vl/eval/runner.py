@@ -217,8 +217,8 @@ def _model_device(model):
     return next(model.parameters()).device
 
 
-def generate_answers(model, processor, inputs: dict, max_new_tokens: int) -> List[str]:
-    """Greedy answers (stripped text) for one processed batch."""
+def generate_answers(model, processor, inputs: dict, max_new_tokens: int, compile: Optional[str] = None) -> List[str]:
+    """Greedy answers (stripped text) for one processed batch (`compile`: see FireboltForConditionalGeneration.generate)."""
     import torch
 
     device = _model_device(model)
@@ -226,7 +226,7 @@ def generate_answers(model, processor, inputs: dict, max_new_tokens: int) -> Lis
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)  # (B, T + new)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, compile=compile)  # (B, T + new)
     prompt_len = batch["input_ids"].shape[1]
     return [text.strip() for text in processor.batch_decode(out[:, prompt_len:].cpu())]
 
@@ -317,6 +317,7 @@ def evaluate(
     sort_window: Optional[int] = None,
     mode: Optional[str] = None,
     seed: Optional[int] = None,
+    compile: Optional[str] = None,
 ) -> dict:
     """Evaluate ``model`` on ``benchmark`` (see the module doc); returns the scores dict also written to
     ``output_dir/scores.json`` (the scorer's keys, plus ``n_errors``).
@@ -325,6 +326,8 @@ def evaluate(
     (default: the model's ``name_or_path``). ``overwrite``: discard earlier predictions in ``output_dir`` instead of
     resuming. ``sort_window``: items per length-sorting window (default 16 batches; 1 keeps the data order).
     ``mode`` / ``seed``: the scoring reference to reproduce and its random-fallback seed (see ``scorers.score``).
+    ``compile``: decode through a static cache and a compiled step (``generate(compile=...)``; the same answers within
+    float rounding, so it does not stop a run from resuming; run.json records it).
     For VQAv2 test splits (no answers) the EvalAI file ``vqav2_submission.json`` is written as well."""
     from ..processing import atomic_write_text
     from . import BENCHMARKS, load_benchmark
@@ -351,7 +354,8 @@ def evaluate(
     pred_path = out / PREDICTIONS_FILE
     records, valid_bytes, needs_newline = read_prediction_records(pred_path)
     _repair_predictions(pred_path, valid_bytes, needs_newline)
-    atomic_write_text(out / RUN_FILE, json.dumps({**run, "limit": limit, "batch_size": batch_size}, indent=2) + "\n")
+    atomic_write_text(out / RUN_FILE, json.dumps({**run, "limit": limit, "batch_size": batch_size, "compile": compile},
+                                                    indent=2) + "\n")
 
     # prompts and lengths of every item (the batch plan must not depend on what is already done)
     prompts: List[Optional[str]] = []
@@ -378,7 +382,7 @@ def evaluate(
 
     if pending:
         _run_batches(model, processor, items, prompts, prompt_errors, pending, pred_path, records, max_new_tokens,
-                     progress, n_done)
+                     progress, n_done, compile)
 
     predictions = {it.question_id: records[str(it.question_id)]["answer"] for it in items
                    if str(it.question_id) in records}
@@ -391,7 +395,7 @@ def evaluate(
 
 
 def _run_batches(model, processor, items, prompts, prompt_errors, pending, pred_path: Path, records: Dict[str, dict],
-                 max_new_tokens: int, progress: bool, n_done: int) -> None:
+                 max_new_tokens: int, progress: bool, n_done: int, compile: Optional[str] = None) -> None:
     """Generate the pending batches, appending each batch's lines durably; images load one batch ahead."""
     from tqdm.auto import tqdm
 
@@ -407,7 +411,7 @@ def _run_batches(model, processor, items, prompts, prompt_errors, pending, pred_
                 if k + 1 < len(pending):  # decode the next batch's images while the model works
                     future = pool.submit(_load_batch, processor, items, prompt_errors, pending[k + 1])
                 rows, inputs = _process_batch(processor, prompts, loaded)  # tokenizer: main thread only
-                answers = generate_answers(model, processor, inputs, max_new_tokens) if rows else []
+                answers = generate_answers(model, processor, inputs, max_new_tokens, compile) if rows else []
                 lines = [{"question_id": items[i].question_id, "answer": a} for i, a in zip(rows, answers)]
                 lines += [{"question_id": items[i].question_id, "answer": "", "error": msg}
                           for i, msg in sorted(loaded.errors.items())]
