@@ -321,11 +321,14 @@ def test_32_concurrent_clients(server, tiny, images):
     print(f"32 concurrent clients: {32 / elapsed:.1f} requests/s")
 
 
-def test_engine_batches_mixed_rows(tiny, red_image):
+@pytest.mark.parametrize("compile_mode", [None, "static"])
+def test_engine_batches_mixed_rows(tiny, red_image, compile_mode):
     """Jobs waiting together share one left-padded batch (image and text-only rows, different max_tokens) and each
-    row equals the request run alone."""
+    row equals the request run alone; also through the static-cache decoding of `serve --compile` (its compiled
+    modes equal it: tests/test_model.py)."""
     model, processor = tiny
-    engine = Engine(model, processor, max_batch_size=8, batch_wait_s=0.0, scheduler="static").start()
+    engine = Engine(model, processor, max_batch_size=8, batch_wait_s=0.0, scheduler="static",
+                    compile=compile_mode).start()
     done = threading.Event()
     results: dict[int, list[Event]] = {}
 
@@ -544,6 +547,18 @@ def test_serve_command(tiny, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_compile_needs_the_static_scheduler(tiny, capsys):
+    from firebolt_vl.cli import main as cli_main
+
+    model, processor = tiny
+    with pytest.raises(ValueError, match="--scheduler static"):
+        Engine(model, processor, scheduler="continuous", compile="reduction")
+    with pytest.raises(ValueError, match="compile mode"):
+        Engine(model, processor, scheduler="static", compile="fast")
+    assert cli_main(["serve", "--model", "/nonexistent", "--compile", "reduction"]) == 2  # before the model loads
+    assert "--scheduler static" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("scheduler", ["static", "continuous"])

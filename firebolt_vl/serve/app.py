@@ -67,6 +67,7 @@ class ServerConfig:
     max_batch_size: int = 8
     batch_wait_ms: float = 5.0
     scheduler: str = "continuous"  # "continuous" (rows join and leave between steps) | "static" (whole batches)
+    compile: str | None = None  # static scheduler: decode through generate(compile=MODE)
     remote_timeout_s: float = 10.0
     shutdown_grace_s: float = 30.0  # how long running rows may finish after shutdown begins
 
@@ -110,7 +111,8 @@ class _Served:
         self.max_pixels = config.max_image_pixels if config.max_image_pixels is not None else processor.max_image_pixels
         self.context_length = int(getattr(model.config.text_config, "max_position_embeddings", 0) or 0)
         self.engine = engine or Engine(model, processor, config.max_batch_size, config.max_queue,
-                                       config.batch_wait_ms / 1000, scheduler=config.scheduler)
+                                       config.batch_wait_ms / 1000, scheduler=config.scheduler,
+                                       compile=config.compile)
 
 
 def create_app(model=None, processor=None, config: ServerConfig | None = None, engine: Engine | None = None,

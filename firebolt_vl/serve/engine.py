@@ -48,6 +48,19 @@ log = logging.getLogger("firebolt_vl.serve")
 SCHEDULERS = ("continuous", "static")
 
 
+def check_serve_compile(scheduler: str, compile: str | None) -> None:
+    """A compiled decoding step needs fixed batch shapes: the static scheduler's (one compile per batch size and
+    length bucket), never continuous batching's, whose running batch changes shape every step."""
+    if compile is None:
+        return
+    from ..static_decoding import check_compile_mode
+
+    check_compile_mode(compile)
+    if scheduler != "static":
+        raise ValueError(f"--compile {compile} needs --scheduler static: continuous batching changes its batch shape "
+                         "every step, and a compiled step is specialised to one shape")
+
+
 class QueueFullError(RuntimeError):
     """The engine's queue holds `max_queue` waiting requests already (HTTP 429)."""
 
@@ -253,12 +266,15 @@ class Engine:
     """Owns the model in one thread; `submit` jobs from any thread. Start with `start()`, stop with `stop()`."""
 
     def __init__(self, model, processor, max_batch_size: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005,
-                 scheduler: str = "continuous", prefill_tokens: int = 4096, max_join_wait_s: float = 0.5):
+                 scheduler: str = "continuous", prefill_tokens: int = 4096, max_join_wait_s: float = 0.5,
+                 compile: str | None = None):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        check_serve_compile(scheduler, compile)
         self.scheduler = scheduler
+        self.compile = compile  # static scheduler: generate(compile=...) (static cache + compiled step)
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -437,6 +453,7 @@ class Engine:
                 ignore_eos=True,  # each row stops on its own (EOS / stop / max_tokens), see _Row
                 generator=generator,
                 streamer=_BatchStreamer(rows),
+                compile=self.compile,
             )
         except _BatchFinished:
             pass

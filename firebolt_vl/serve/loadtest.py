@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import base64
 import json
-import os
 import random
 import tempfile
 import threading
@@ -250,10 +249,9 @@ def main(argv=None) -> int:
 
     model = processor = None
     if not args.url:
-        import torch
+        from .cli import set_serve_threads
 
-        # as `firebolt-vl serve` does on a CPU: leave a core to the HTTP side (and here, to the client)
-        torch.set_num_threads(args.threads or min(torch.get_num_threads(), max(1, (os.cpu_count() or 2) - 1)))
+        set_serve_threads(True, args.threads)  # as `firebolt-vl serve` on a CPU: a core left to HTTP (and the client)
         model, processor = _build(args)
     header = (f"{'scheduler':<11} {'cl':>3} {'req':>4} {'wall_s':>7} {'tok/s':>8} {'req/s':>6} "
               f"{'TTFT ms p50/95/99':>17} {'TPOT p50/95/99':>14} {'latency p50/95/99':>17} {'fail':>4}")
