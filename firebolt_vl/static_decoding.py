@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("static", "default", "reduce-overhead", "max-autotune", "reduction")
 MIN_BUCKET = 256  # the shortest cache generate allocates
+COMPILE_HELP = ("decode through a static cache and a torch.compile'd step: reduction (the fastest batch-1 CPU step: "
+                "1.65x the eager generate at LFM2-350M shapes, 2 cores), default, reduce-overhead (CUDA graphs), "
+                "max-autotune, static (uncompiled). Each new batch size and length bucket compiles once (about 50 s "
+                "at those shapes); at batch 8 it gained nothing on CPU (docs/bench/README.md)")
 
 
 def length_bucket(n: int) -> int:

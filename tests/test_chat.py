@@ -26,9 +26,10 @@ def blue_path(tmp_path):
     return path
 
 
-def test_piped_session_streams_generate_answers(tiny_factory, red_image, blue_path):
+@pytest.mark.parametrize("compile_mode", [None, "static"])  # "static": chat --compile's decoding, uncompiled
+def test_piped_session_streams_generate_answers(tiny_factory, red_image, blue_path, compile_mode):
     model, processor = tiny_factory()
-    session = ChatSession(model, processor, red_image, max_new_tokens=8)
+    session = ChatSession(model, processor, red_image, max_new_tokens=8, compile=compile_mode)
     stdin = io.StringIO(f"What color is the circle?\nhow many?\n/image {blue_path}\nwhat now?\n"
                         "/image /no/such/file.png\n/bogus\n/quit\nnever read\n")
     out, err = io.StringIO(), io.StringIO()
@@ -110,3 +111,5 @@ def test_chat_command_errors(tmp_path, capsys):
     assert "image file not found" in capsys.readouterr().err
     assert main(["chat", "--model", str(tmp_path / "no_model")]) == 2
     assert "model directory not found" in capsys.readouterr().err
+    assert main(["chat", "--model", str(tmp_path / "no_model"), "--compile", "fast"]) == 2
+    assert "compile mode" in capsys.readouterr().err

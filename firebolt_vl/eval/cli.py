@@ -28,10 +28,10 @@ def add_eval_command_arguments(p):
     p.add_argument("--quantize", default=None, choices=["none", "int8", "int4"],
                    help="weight-only quantization of the decoder and the CMM (torchao): none, int8, int4 "
                         "(default: as the model directory records, else none)")
+    from ..static_decoding import COMPILE_HELP
+
     p.add_argument("--compile", default=None, metavar="MODE",
-                   help="decode through a static cache and a torch.compile'd step: reduction (the fastest batch-1 CPU "
-                        "step), default, reduce-overhead (CUDA graphs), max-autotune, static (uncompiled); each batch "
-                        "shape compiles once (20-60 s at LFM2-350M shapes on 2 cores): worth it over many questions")
+                   help=COMPILE_HELP + "; with --batch-size 1 over many questions")
     p.add_argument("--output", required=True, help="folder for predictions.jsonl, scores.json and run.json")
     p.add_argument("--overwrite", action="store_true",
                    help="discard earlier predictions in --output instead of resuming")

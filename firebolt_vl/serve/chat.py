@@ -53,8 +53,10 @@ class ChatSession:
     """Conversation state and one `reply` per user turn (no terminal I/O except the streamed answer)."""
 
     def __init__(self, model, processor, image=None, max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, max_prompt_tokens: int | None = None, system: str | None = None):
+                 top_p: float = 1.0, seed: int = 0, max_prompt_tokens: int | None = None, system: str | None = None,
+                 compile: str | None = None):
         self.model, self.processor = model, processor
+        self.compile = compile  # generate(compile=...): static cache + compiled step
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -124,6 +126,7 @@ class ChatSession:
             top_p=self.top_p,
             generator=self.generator,
             streamer=streamer,
+            compile=self.compile,
         )
         answer = streamer.text.text
         self.turns.append((user, answer))

@@ -41,6 +41,8 @@ def set_serve_threads(cpu: bool, threads: int | None) -> None:
 
 
 def add_serve_arguments(p) -> None:
+    from ..static_decoding import COMPILE_HELP
+
     _model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -63,10 +65,8 @@ def add_serve_arguments(p) -> None:
                    help="continuous: requests join the running batch between decoding steps and finished rows leave "
                         "at once; static: a batch runs until its longest row ends (the earlier engine)")
     p.add_argument("--compile", default=None, metavar="MODE",
-                   help="with --scheduler static: decode through a static cache and a torch.compile'd step "
-                        "(reduction: the fastest batch-1 CPU step; see `firebolt-vl eval --compile`); each new batch "
-                        "size and length bucket compiles once (20-60 s at LFM2-350M shapes on 2 cores), so a CPU "
-                        "server for one user pairs it with --max-batch-size 1")
+                   help="with --scheduler static: " + COMPILE_HELP + "; a CPU server for one user pairs it with "
+                        "--max-batch-size 1")
     p.add_argument("--max-body-bytes", type=int, default=32 * 2**20)
     p.add_argument("--max-image-bytes", type=int, default=20 * 2**20)
     p.add_argument("--max-image-pixels", type=int, default=None, help="default: the processor's limit")
@@ -158,6 +158,7 @@ def serve(
 # ---- chat ----
 def add_chat_arguments(p) -> None:
     from ..hub import THREADS_HELP
+    from ..static_decoding import COMPILE_HELP
 
     _model_arguments(p)
     p.add_argument("--image", default=None, help="image to talk about (change it with /image PATH)")
@@ -167,6 +168,8 @@ def add_chat_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    p.add_argument("--compile", default=None, metavar="MODE",
+                   help=COMPILE_HELP + "; pays off after a few long answers")
 
 
 def chat(
@@ -182,11 +185,15 @@ def chat(
     adapter: str | None = None,
     quantize: str | None = None,
     threads: int | None = None,
+    compile: str | None = None,
 ) -> int:
     """Interactive multi-turn chat in the terminal, answers streamed as they are generated."""
     from ..hub import resolve_device, set_threads
+    from ..static_decoding import check_compile_mode
     from .chat import ChatSession, run_chat
 
+    if compile is not None:
+        check_compile_mode(compile)
     if image is not None and not Path(image).is_file():
         raise FileNotFoundError(f"image file not found: {image}")
     if max_new_tokens < 1:
@@ -194,7 +201,7 @@ def chat(
     set_threads(resolve_device(device), threads)
     loaded, processor = _load(model, device, dtype, adapter, quantize)
     session = ChatSession(loaded, processor, image, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, seed=seed, system=system)
+                          top_p=top_p, seed=seed, system=system, compile=compile)
     return run_chat(session)
 
 
