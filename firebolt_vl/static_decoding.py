@@ -16,8 +16,9 @@ every step), so `torch.compile` cannot specialise it. Here every tensor a step t
 `static_step(model)` is one decoding step as a plain function of those tensors (mode "static" runs it as it is);
 `compile_decode_step` compiles it. `StaticDecoder` keeps the buffers per (B, L) and a compiled step per mode.
 `generate` rounds T + N up to a length bucket (`length_bucket`: a power of two, at least 256), so a few shapes serve
-every prompt. Each new (B, L) compiles once: seconds for the tiny test models, 20-60 s at LFM2-350M shapes on 2 CPU
-cores. That pays off over many answers (`eval --compile`), not for one short answer.
+every prompt. Each new (B, L) compiles once: seconds for the tiny test models, 20-50 s at LFM2-350M shapes on 2 CPU
+cores. On a CPU it pays off at batch 1 over several long answers (chat, a one-user server), not for one short answer,
+and not at batch 8, where the step is no longer a weight stream (docs/bench/README.md).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ log = logging.getLogger(__name__)
 COMPILE_MODES = ("static", "default", "reduce-overhead", "max-autotune", "reduction")
 MIN_BUCKET = 256  # the shortest cache generate allocates
 COMPILE_HELP = ("decode through a static cache and a torch.compile'd step: reduction (the fastest batch-1 CPU step: "
-                "1.65x the eager generate at LFM2-350M shapes, 2 cores), default, reduce-overhead (CUDA graphs), "
-                "max-autotune, static (uncompiled). Each new batch size and length bucket compiles once (about 50 s "
-                "at those shapes); at batch 8 it gained nothing on CPU (docs/bench/README.md)")
+                "1.6x the eager step's tok/s at LFM2-350M shapes on 2 cores), default, reduce-overhead (CUDA graphs), "
+                "max-autotune, static (uncompiled). Each new batch size and length bucket compiles once (20-50 s at "
+                "those shapes); at batch 8 it gained nothing on CPU (docs/bench/README.md)")
 
 
 def length_bucket(n: int) -> int:
