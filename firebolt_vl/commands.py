@@ -94,6 +94,7 @@ def build(
 
 def add_generate_arguments(p):
     from .hub import THREADS_HELP
+    from .quantize import add_quantize_argument
 
     p.add_argument("--model", required=True, help="Firebolt-VL model directory (or a LoRA adapter directory)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory applied on top of --model")
@@ -105,9 +106,7 @@ def add_generate_arguments(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16")
-    p.add_argument("--quantize", default=None, choices=["none", "int8", "int4"],
-                   help="weight-only quantization of the decoder and the CMM (torchao): none, int8, int4 "
-                        "(default: as the model directory records, else none)")
+    add_quantize_argument(p)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
 

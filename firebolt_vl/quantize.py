@@ -1,5 +1,6 @@
-"""Weight-only quantization of the decoding path with torchao: int8 (per output channel) and int4 (groups of 128/64/32
-input features), for the LFM2 decoder and the CMM.
+"""Weight-only quantization of the decoding path: int8 (per output channel) and int4 (groups of 128/64/32 input
+features) with torchao, and fp16 (16-bit weight storage, fp32 compute) in plain PyTorch, for the LFM2 decoder and the
+CMM.
 
 What is quantized (every nn.Linear whose weight is read once per new token):
     language_model   every nn.Linear of the LFM2 decoder (attention and short-conv projections, MLPs) and the LM head
@@ -20,6 +21,12 @@ Kernels (torchao 0.18, torch 2.13):
     int4  CPU: torchao's PrototypeInt4WeightOnlyConfig -> Int4OpaqueTensor (aten._weight_int4pack_mm_for_cpu);
           the stable Int4WeightOnlyConfig's default packing needs the `mslk` kernels (GPU). CUDA: Int4WeightOnlyConfig
           with the tinygemm "tile_packed_to_4d" packing, which takes bf16 activations only.
+    fp16  `HalfWeightLinear`: the weight stored in float16, converted to the activations' dtype at each call, fp32
+          activations and accumulation. Eager, the conversion is a pass over the weight (prefill pays it); in the
+          compiled decoding step (firebolt_vl.static_decoding, mode "reduction") Inductor fuses it into the
+          weight-streaming reduction, which then reads 2 bytes per weight instead of 4. On an AVX2 CPU (no AVX-512,
+          no VNNI) that is the one weight format whose decoding beats fp32: the int8 and int4 kernels above, and
+          Inductor's own int8 reductions, are compute-bound there (docs/bench/README.md).
 
 Saved form: a model directory keeps its floating-point weights and records the mode in `quantization.json`;
 `hub.load_model_dir` quantizes at load. Quantizing fixed weights is deterministic, so the loaded model holds exactly
@@ -33,16 +40,25 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-MODES = ("none", "int8", "int4")
+MODES = ("none", "int8", "int4", "fp16")
+QUANTIZE_HELP = ("weight-only quantization of the decoder and the CMM: none, int8, int4 (torchao), fp16 (16-bit weight "
+                 "storage, fp32 compute: the fastest CPU decoding with --compile reduction) (default: as the model "
+                 "directory records, else none)")
+FP16_MAX = 65504.0  # the largest finite float16: a layer with a larger weight stays in fp32
 QUANT_FILE = "quantization.json"
 INT4_GROUP_SIZES = (128, 64, 32)  # the first that divides a layer's input width is used; layers fitting none (or
 #                                   with an output width not a multiple of 16, the int4 packing's unit) stay fp
 
 
+def add_quantize_argument(p) -> None:
+    p.add_argument("--quantize", default=None, choices=list(MODES), help=QUANTIZE_HELP)
+
+
 def check_mode(mode: str | None) -> str:
-    """'none' | 'int8' | 'int4' (None -> 'none'); a clear error for anything else."""
+    """'none' | 'int8' | 'int4' | 'fp16' (None -> 'none'); a clear error for anything else."""
     mode = "none" if mode in (None, "", "fp", "float") else str(mode).lower()
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
@@ -87,14 +103,18 @@ def quantize_model(model, mode: str | None, group_size: int | None = None):
         return model
     if done_mode != "none":
         raise ValueError(f"the model is already quantized ({done_mode}); load it again to quantize it as {mode}")
+    layers = target_linears(model)
+    if not layers:
+        raise ValueError("nothing to quantize: the model has no decoder / CMM nn.Linear layers")
+    if mode == "fp16":
+        done = {name for name, m in layers.items() if HalfWeightLinear.convert(m)}
+        model.firebolt_quantization = mode
+        model.firebolt_quantized_layers = sorted(done)
+        return model
     _torchao()
     import logging
 
     from torchao.quantization import quantize_
-
-    layers = target_linears(model)
-    if not layers:
-        raise ValueError("nothing to quantize: the model has no decoder / CMM nn.Linear layers")
     device = next(iter(layers.values())).weight.device
     ids = {id(m) for m in layers.values()}
     if mode == "int8":
@@ -136,6 +156,26 @@ def _int4_config(group_size: int, device: torch.device, model):
     raise ValueError(f"int4 weight-only quantization is not available on {device.type} (CPU and CUDA only)")
 
 
+class HalfWeightLinear(nn.Linear):
+    """nn.Linear whose weight is stored in float16 and computed in the activations' dtype: y = x W^T + b with
+    W = weight.to(x.dtype). Made from an fp32 nn.Linear by `convert` (the quantize mode "fp16")."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+    @classmethod
+    def convert(cls, linear: nn.Linear) -> bool:
+        """Store `linear`'s fp32 weight in float16, in place; False (layer unchanged) for a non-fp32 weight or one
+        with a magnitude float16 cannot hold. A weight shared with another module (a tied LM head) is copied, so
+        the other module keeps its fp32 tensor."""
+        w = linear.weight
+        if w.dtype != torch.float32 or not bool(w.detach().abs().max() <= FP16_MAX):
+            return False
+        linear.weight = nn.Parameter(w.detach().to(torch.float16), requires_grad=False)
+        linear.__class__ = cls
+        return True
+
+
 def is_quantized(model) -> bool:
     return getattr(model, "firebolt_quantization", "none") != "none"
 
@@ -164,9 +204,13 @@ def read_mode(directory) -> str:
 
 def record(mode: str) -> str:
     """The text of quantization.json for `mode`."""
-    import torchao
+    if check_mode(mode) == "fp16":
+        library = f"torch {torch.__version__} (firebolt_vl.quantize.HalfWeightLinear)"
+    else:
+        import torchao
 
-    return json.dumps({"mode": check_mode(mode), "library": f"torchao {torchao.__version__}",
+        library = f"torchao {torchao.__version__}"
+    return json.dumps({"mode": check_mode(mode), "library": library,
                        "weights": "stored in floating point; quantized at load by firebolt_vl.quantize.quantize_model "
                                   "(deterministic: the same integer weights and scales every load)",
                        "quantized": "language_model nn.Linear layers incl. the LM head; the CMM's nn.Linear layers "

@@ -88,7 +88,7 @@ def test_quantized_logits_close_to_float(realistic, mode, rel_tol):
     assert 0 < rel <= rel_tol, rel
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
 def test_quantized_cached_decoding_equals_recompute(tiny_factory, red_image, mode):
     model, proc = tiny_factory()  # wide initialisation: varied greedy tokens
     q = quantize_model(copy.deepcopy(model), mode)
@@ -160,6 +160,47 @@ def test_generate_flag_end_to_end(tiny_factory, red_image, tmp_path):
                                               quantize=mode)
     bad = run("--quantize", "int3")
     assert bad.returncode != 0 and "invalid choice: 'int3'" in bad.stderr
+
+
+def test_fp16_weights_compute_in_fp32(realistic, tiny_factory, red_image, tmp_path):
+    """fp16 mode: the decoder's and the CMM's Linear weights stored in float16 (the tied embedding table, the SSM and
+    the vision tower stay fp32); the model computes exactly the fp32 model whose weights are rounded to float16; the
+    compiled decoding step (reduction mode, the conversion fused into the weight stream) gives the eager tokens; the
+    mode round-trips through a model directory; a weight float16 cannot hold keeps its layer in fp32."""
+    from firebolt_vl.hub import load_model_dir, save_model_dir
+    from firebolt_vl.quantize import HalfWeightLinear
+
+    model, proc, inputs = realistic
+    q = quantize_model(copy.deepcopy(model), "fp16")
+    names = q.firebolt_quantized_layers
+    assert names == sorted(target_linears(model)) and any("lm_head" in n for n in names)
+    lm = q.language_model
+    assert lm.get_output_embeddings().weight.dtype == torch.float16
+    assert lm.get_input_embeddings().weight.dtype == torch.float32  # the tie is broken, the table keeps fp32
+    assert all(p.dtype == torch.float32 for p in q.cmm.ssm.parameters()) and q.dtype == torch.float32
+    rounded = copy.deepcopy(model)
+    for name, m in target_linears(rounded).items():
+        m.weight = torch.nn.Parameter(m.weight.detach().half().float(), requires_grad=False)
+    ref, got, exact = _logits(model, inputs), _logits(q, inputs), _logits(rounded, inputs)
+    assert (got - exact).abs().max() <= 1e-5 * exact.abs().max()
+    rel = ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+    assert 0 < rel <= 2e-3, rel
+
+    wide, wide_proc = tiny_factory()  # varied greedy tokens
+    q = quantize_model(copy.deepcopy(wide), "fp16")
+    enc = wide_proc(wide_proc.build_prompt("Describe the image.", True), images=red_image)
+    eager = q.generate(**enc, max_new_tokens=12, ignore_eos=True)
+    assert torch.equal(q.generate(**enc, max_new_tokens=12, ignore_eos=True, compile="reduction"), eager)
+
+    out = save_model_dir(wide, wide_proc, tmp_path / "m", quantize="fp16")
+    loaded, _ = load_model_dir(out)
+    assert loaded.firebolt_quantization == "fp16" and read_mode(out) == "fp16"
+    assert torch.equal(loaded.generate(**enc, max_new_tokens=12, ignore_eos=True), eager)
+
+    big = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        big.weight[0, 0] = 1e5
+    assert not HalfWeightLinear.convert(big) and type(big) is torch.nn.Linear and big.weight.dtype == torch.float32
 
 
 def test_targets_exclude_the_ssm_and_vision(realistic):

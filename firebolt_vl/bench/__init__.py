@@ -49,9 +49,9 @@ def add_bench_arguments(p) -> None:
                         "busy with other work at start; --threads-under-load measures the choice)")
     p.add_argument("--int8", action="store_true", help="CPU: int8 weights (dynamic quantization of every nn.Linear)")
     p.add_argument("--quantize", default=None,
-                   help="comma-separated weight-only modes (torchao) among none,int8,int4: the Firebolt-VL model is "
-                        "also benchmarked quantized, as variants firebolt_int8 / firebolt_int4 decoded side by side "
-                        "with the unquantized firebolt; targets int8_decode_vs_fp / int4_decode_vs_fp")
+                   help="comma-separated weight-only modes among none,int8,int4,fp16 (firebolt_vl.quantize): the "
+                        "Firebolt-VL model is also benchmarked quantized, as variants firebolt_int8 / _int4 / _fp16 "
+                        "decoded side by side with the unquantized firebolt; targets int8_decode_vs_fp etc.")
     p.add_argument("--compile", default="auto",
                    choices=["auto", "off", "static", "default", "reduce-overhead", "max-autotune", "reduction"],
                    help="static cache + torch.compile(mode) of the decoding step; 'static': static cache, no compile; "

@@ -42,6 +42,8 @@ TARGETS = {
     "tiny_wall_s": ("<=", 120.0, "wall time of a --preset tiny run (2 cores)"),
     "int8_decode_vs_fp": (">=", 1.8, "Firebolt-VL int8 weight-only decode tokens/s / the same model unquantized"),
     "int4_decode_vs_fp": ("report", None, "Firebolt-VL int4 weight-only decode tokens/s / the same model unquantized"),
+    "fp16_decode_vs_fp": ("report", None, "Firebolt-VL with fp16-stored weights (fp32 compute) decode tokens/s / the "
+                                          "same model in fp32"),
 }
 
 
@@ -660,7 +662,7 @@ def _targets(result, batches, dev, preset) -> dict:
         if r:
             t[f"{stage}_compute_fraction"].update(achieved_gflops=r["achieved_gflops"], sgemm_gflops=r["sgemm_gflops"],
                                                   gflop=r["gflop"])
-    for q in ("int8", "int4"):
+    for q in ("int8", "int4", "fp16"):
         if f"firebolt_{q}" in result["variants"]:
             t[f"{q}_decode_vs_fp"] = _target(f"{q}_decode_vs_fp", _ratio(_b1(result, f"firebolt_{q}"), fb),
                                              "same model, decoded in lockstep with the unquantized one" if

@@ -15,6 +15,9 @@ SEED_HELP = "seed of the random fallback (scienceqa --mode official: 10; mmmu: 4
 
 
 def add_eval_command_arguments(p):
+    from ..quantize import add_quantize_argument
+    from ..static_decoding import COMPILE_HELP
+
     p.add_argument("--model", required=True, help="Firebolt-VL model directory")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory applied on top of --model")
     p.add_argument("--benchmark", required=True, choices=BENCHMARK_CHOICES)
@@ -25,11 +28,7 @@ def add_eval_command_arguments(p):
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default 32)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as saved)")
-    p.add_argument("--quantize", default=None, choices=["none", "int8", "int4"],
-                   help="weight-only quantization of the decoder and the CMM (torchao): none, int8, int4 "
-                        "(default: as the model directory records, else none)")
-    from ..static_decoding import COMPILE_HELP
-
+    add_quantize_argument(p)
     p.add_argument("--compile", default=None, metavar="MODE",
                    help=COMPILE_HELP + "; with --batch-size 1 over many questions")
     p.add_argument("--output", required=True, help="folder for predictions.jsonl, scores.json and run.json")

@@ -8,13 +8,13 @@ from pathlib import Path
 
 
 def _model_arguments(p) -> None:
+    from ..quantize import add_quantize_argument
+
     p.add_argument("--model", required=True, help="Firebolt-VL model directory")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory applied on top of --model")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as saved)")
-    p.add_argument("--quantize", default=None, choices=["none", "int8", "int4"],
-                   help="weight-only quantization of the decoder and the CMM (torchao): none, int8, int4 "
-                        "(default: as the model directory records, else none)")
+    add_quantize_argument(p)
 
 
 def _load(model: str, device: str, dtype: str | None, adapter: str | None = None, quantize: str | None = None):
