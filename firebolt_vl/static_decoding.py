@@ -196,7 +196,7 @@ class StaticDecoder:
         self.max_shapes = max_shapes
         self._buffers: OrderedDict = OrderedDict()  # (B, L, inference, device, dtype) -> [StaticCache, SSM bufs]
         self._steps: dict = {}  # mode -> compiled step
-        self._compiled_shapes: set = set()  # (mode, B, L) seen: the first call of each compiles
+        self._compiled_shapes: set = set()  # (mode, B, L, inference) seen: the first call of each compiles
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, memory=None, ssm_state=None,
                 max_len: int | None = None) -> tuple[torch.Tensor, StaticState]:
