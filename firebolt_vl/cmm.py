@@ -40,10 +40,6 @@ class GridMemory:
     film_tables: tuple | None = None
     film_key: tuple | None = None  # versions of the FiLM weights the tables were computed from
 
-    def index_select(self, idx: torch.Tensor) -> "GridMemory":
-        tables = None if self.film_tables is None else tuple(t[idx] for t in self.film_tables)
-        return GridMemory(self.keys[idx], self.values[idx], self.present[idx], tables, self.film_key)
-
 
 def film(x: torch.Tensor, gamma_beta: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """FiLM with a gate: x * (1 + a*gamma) + a*beta. gamma_beta (..., 2D) is split in half."""

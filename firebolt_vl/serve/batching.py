@@ -40,7 +40,7 @@ from __future__ import annotations
 import random
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer
+from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionLayer
 
 from ..cmm import GridMemory
 from ..modeling import FireboltCache
@@ -50,7 +50,7 @@ _MIN_COLUMNS = 64  # smallest T_cap allocated
 
 
 def _check_layer(layer) -> None:
-    if isinstance(layer, DynamicSlidingWindowLayer) or type(layer) not in (DynamicLayer, LinearAttentionLayer):
+    if type(layer) not in (DynamicLayer, LinearAttentionLayer):  # exact types: sliding-window layers subclass these
         raise TypeError(
             f"continuous batching keeps only DynamicLayer (KV) and LinearAttentionLayer (conv state) caches in slots, "
             f"got {type(layer).__name__}: serve this decoder with --scheduler static"
@@ -282,12 +282,9 @@ class SlotBatch:
         columns = self.columns
         while 2 * (end + 1) > columns:
             columns *= 2
-        if self.rows:
+        if self.rows or columns != self.columns:  # no rows: start = end = 0, only the reallocation is left
             for layer in self._kv:
                 layer.move_window(slice(self.start, self.end), slice(end - W, end), columns)
-        elif columns != self.columns:
-            for layer in self._kv:
-                layer.move_window(slice(0, 0), slice(0, 0), columns)
         self.columns, self.start, self.end = columns, end - W, end
 
     # ---- leaving ----
