@@ -138,16 +138,18 @@ THREADS_HELP = ("torch CPU threads (default on CPU: the cores not busy with othe
                 "2 threads collapse beside one busy core: docs/bench/README.md, 'Threads under load')")
 
 
-def set_threads(device: torch.device, threads: int | None) -> None:
-    """A command's torch intra-op threads: `threads` if given, else on CPU the cores other work leaves free."""
+def set_threads(device: torch.device, threads: int | None, cpu_default=None) -> None:
+    """A command's torch intra-op threads: `threads` if given, else on CPU `cpu_default()` (default: the cores other
+    work leaves free, `bench.load.default_threads`)."""
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     elif device.type == "cpu":
-        from .bench.load import default_threads
+        if cpu_default is None:
+            from .bench.load import default_threads as cpu_default
 
-        torch.set_num_threads(default_threads())
+        torch.set_num_threads(cpu_default())
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

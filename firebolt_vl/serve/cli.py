@@ -24,7 +24,7 @@ def _load(model: str, device: str, dtype: str | None, adapter: str | None = None
 
 
 # ---- serve ----
-def set_serve_threads(cpu: bool, threads: int | None) -> None:
+def set_serve_threads(device, threads: int | None) -> None:
     """The server's torch intra-op threads: `threads` if given, else on a CPU one fewer than the cores. The engine's
     threads spin between ops; the event loop and image decoding keep a core (on 2 cores, 1 thread served ~10x more
     requests/s than 2)."""
@@ -32,12 +32,9 @@ def set_serve_threads(cpu: bool, threads: int | None) -> None:
 
     import torch
 
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
-    if cpu:
-        torch.set_num_threads(threads or min(torch.get_num_threads(), max(1, (os.cpu_count() or 2) - 1)))
-    elif threads:
-        torch.set_num_threads(threads)
+    from ..hub import set_threads
+
+    set_threads(device, threads, cpu_default=lambda: min(torch.get_num_threads(), max(1, (os.cpu_count() or 2) - 1)))
 
 
 def add_serve_arguments(p) -> None:
@@ -119,7 +116,7 @@ def serve(
     from .engine import check_serve_compile
 
     check_serve_compile(scheduler, compile)
-    set_serve_threads(resolve_device(device).type == "cpu", threads)
+    set_serve_threads(resolve_device(device), threads)
 
     if allowed_dir is not None and not Path(allowed_dir).is_dir():
         raise NotADirectoryError(f"--allowed-dir is not a directory: {allowed_dir}")

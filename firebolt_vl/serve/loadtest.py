@@ -249,9 +249,12 @@ def main(argv=None) -> int:
 
     model = processor = None
     if not args.url:
+        import torch
+
         from .cli import set_serve_threads
 
-        set_serve_threads(True, args.threads)  # as `firebolt-vl serve` on a CPU: a core left to HTTP (and the client)
+        # as `firebolt-vl serve` on a CPU: a core left to HTTP (and here, to the client)
+        set_serve_threads(torch.device("cpu"), args.threads)
         model, processor = _build(args)
     header = (f"{'scheduler':<11} {'cl':>3} {'req':>4} {'wall_s':>7} {'tok/s':>8} {'req/s':>6} "
               f"{'TTFT ms p50/95/99':>17} {'TPOT p50/95/99':>14} {'latency p50/95/99':>17} {'fail':>4}")
