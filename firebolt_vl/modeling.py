@@ -453,7 +453,8 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
             probs = warpers(sequences, logits).softmax(-1)
             return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-        if compile is not None and use_cache:
+        static = compile is not None and use_cache  # the static cache + compiled step
+        if static:
             from .static_decoding import check_compile_mode, length_bucket
 
             logits, static_step = self.static_decoder().start(
@@ -477,7 +478,7 @@ class FireboltForConditionalGeneration(FireboltPreTrainedModel):
                 streamer.put(nxt.cpu())
             if step == max_new_tokens - 1 or (eos_t is not None and not bool(unfinished.any())):
                 break
-            if compile is not None and use_cache:
+            if static:
                 logits = static_step(nxt[:, None])
             elif use_cache:
                 logits = self.decode_step(nxt[:, None], cache, logits_to_keep=1).logits[:, -1]

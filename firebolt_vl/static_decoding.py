@@ -41,6 +41,11 @@ COMPILE_HELP = ("decode through a static cache and a torch.compile'd step: reduc
                 "those shapes); at batch 8 it gained nothing on CPU (docs/bench/README.md)")
 
 
+def add_compile_argument(p, advice: str) -> None:
+    """The commands' --compile MODE option (checked by `check_compile_mode` where the command runs)."""
+    p.add_argument("--compile", default=None, metavar="MODE", help=f"{COMPILE_HELP}; {advice}")
+
+
 def length_bucket(n: int) -> int:
     """Cache columns for n tokens: the smallest power of two >= max(n, MIN_BUCKET)."""
     return max(MIN_BUCKET, 1 << (max(1, n) - 1).bit_length())

@@ -16,7 +16,7 @@ SEED_HELP = "seed of the random fallback (scienceqa --mode official: 10; mmmu: 4
 
 def add_eval_command_arguments(p):
     from ..quantize import add_quantize_argument
-    from ..static_decoding import COMPILE_HELP
+    from ..static_decoding import add_compile_argument
 
     p.add_argument("--model", required=True, help="Firebolt-VL model directory")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory applied on top of --model")
@@ -29,8 +29,7 @@ def add_eval_command_arguments(p):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as saved)")
     add_quantize_argument(p)
-    p.add_argument("--compile", default=None, metavar="MODE",
-                   help=COMPILE_HELP + "; with --batch-size 1 over many questions")
+    add_compile_argument(p, "with --batch-size 1 over many questions")
     p.add_argument("--output", required=True, help="folder for predictions.jsonl, scores.json and run.json")
     p.add_argument("--overwrite", action="store_true",
                    help="discard earlier predictions in --output instead of resuming")

@@ -38,7 +38,7 @@ def set_serve_threads(device, threads: int | None) -> None:
 
 
 def add_serve_arguments(p) -> None:
-    from ..static_decoding import COMPILE_HELP
+    from ..static_decoding import add_compile_argument
 
     _model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -61,9 +61,7 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--scheduler", choices=["continuous", "static"], default="continuous",
                    help="continuous: requests join the running batch between decoding steps and finished rows leave "
                         "at once; static: a batch runs until its longest row ends (the earlier engine)")
-    p.add_argument("--compile", default=None, metavar="MODE",
-                   help="with --scheduler static: " + COMPILE_HELP + "; a CPU server for one user pairs it with "
-                        "--max-batch-size 1")
+    add_compile_argument(p, "needs --scheduler static; a CPU server for one user pairs it with --max-batch-size 1")
     p.add_argument("--max-body-bytes", type=int, default=32 * 2**20)
     p.add_argument("--max-image-bytes", type=int, default=20 * 2**20)
     p.add_argument("--max-image-pixels", type=int, default=None, help="default: the processor's limit")
@@ -155,7 +153,7 @@ def serve(
 # ---- chat ----
 def add_chat_arguments(p) -> None:
     from ..hub import THREADS_HELP
-    from ..static_decoding import COMPILE_HELP
+    from ..static_decoding import add_compile_argument
 
     _model_arguments(p)
     p.add_argument("--image", default=None, help="image to talk about (change it with /image PATH)")
@@ -165,8 +163,7 @@ def add_chat_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
-    p.add_argument("--compile", default=None, metavar="MODE",
-                   help=COMPILE_HELP + "; pays off after a few long answers")
+    add_compile_argument(p, "pays off after a few long answers")
 
 
 def chat(
