@@ -51,6 +51,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .core import _log, _ratio
+
 REQUIREMENT = "llama-cpp-python==0.3.36"
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by convert_hf_to_gguf.py itself; others by the quantizer
@@ -75,10 +77,6 @@ base.TextModel.get_vocab_base_pre = _pre
 sys.argv = [src + "/convert_hf_to_gguf.py", *sys.argv[2:]]
 runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
 """
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------- availability
@@ -200,7 +198,6 @@ class LlamaCppLM:
         import llama_cpp
 
         self._lc = llama_cpp
-        self.path = Path(path)
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                                    n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False)
         self.n_vocab = self.llm.n_vocab()
@@ -234,10 +231,9 @@ class OurLM:
     """The same LFM2 through our code path: the bench's `lfm2` variant (prefill with a dynamic cache, one token per
     step, logits_to_keep=1), optionally weight-only quantized by firebolt_vl.quantize."""
 
-    def __init__(self, model, processor, mode: str):
+    def __init__(self, model, processor):
         from .suite import QUESTION, Lfm2Variant
 
-        self.mode = mode
         self.model = model
         self.variant = Lfm2Variant(model, processor, QUESTION, torch.device("cpu"), torch.float32)
 
@@ -350,10 +346,6 @@ def time_engines(engines: dict, prompt_ids: list[int], prefill_ids: list[int], n
     return out
 
 
-def _ratio(a, b):
-    return a / b if a is not None and b else None
-
-
 # ---------------------------------------------------------------------------------------------------- the comparison
 def run_llamacpp_comparison(preset: str = "paper", threads: int | None = None, src=None, seed: int = 0,
                             modes=("fp32", "int8", "int4"), gguf_types=GGUF_TYPES, prefill_tokens: int = 512,
@@ -380,7 +372,7 @@ def run_llamacpp_comparison(preset: str = "paper", threads: int | None = None, s
     torch.manual_seed(seed)  # as the bench's `lfm2` variant: the same random weights
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**text)).eval().float()
     processor = FireboltProcessor(tok)
-    ours = {m: OurLM(quantized_copy(model, m), processor, m) for m in modes}
+    ours = {m: OurLM(quantized_copy(model, m), processor) for m in modes}
     prompt_ids = ours[modes[0]].variant.prepare(1)["input_ids"][0].tolist()
     gen = torch.Generator().manual_seed(seed + 1)
     long_ids = torch.randint(3, text["vocab_size"], (prefill_tokens,), generator=gen).tolist()
