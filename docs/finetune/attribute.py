@@ -67,15 +67,13 @@ def train(work: Path, run: str, model: Path, st: dict) -> tuple[Path, float]:
 
 
 @torch.no_grad()
-def measure(model_dir: Path, adapter: Path | None, data: Path, work: Path, split: str) -> dict:
-    from firebolt_vl.hub import load_model_dir
+def measure(model, proc, data: Path, work: Path, split: str) -> dict:
     from firebolt_vl.processing import load_image
     from firebolt_vl.train.data import open_source
     from firebolt_vl.train.dpo import PairEncodeFn, collate_pairs, sequence_logps
     from firebolt_vl.train.recipe import DataSource
     from firebolt_vl.train.trainer import evaluate
 
-    model, proc = load_model_dir(model_dir, dtype=torch.float32, adapter=adapter)
     val = DataSource(str(work / f"attr_{split}.jsonl"), image_root=str(data))
     loss = evaluate(model, proc, [val], max_length=128, batch_size=16)["val_loss"]
     recs = [json.loads(line) for line in (work / f"attr_{split}.jsonl").read_text().splitlines() if line.strip()]
@@ -116,9 +114,12 @@ def main() -> int:
     dpo = dict(objective="dpo", beta=0.1, lora=lora)
     rows = []
 
-    def record(name, model, adapter=None, seconds=None):
-        row = {"model": name, **measure(model, adapter, data, work, "val"),
-               **measure(model, adapter, data, work, "test"), "train_s": seconds and round(seconds)}
+    def record(name, model_dir, adapter=None, seconds=None):
+        from firebolt_vl.hub import load_model_dir
+
+        model, proc = load_model_dir(model_dir, dtype=torch.float32, adapter=adapter)  # once for both splits
+        row = {"model": name, **measure(model, proc, data, work, "val"),
+               **measure(model, proc, data, work, "test"), "train_s": seconds and round(seconds)}
         print(json.dumps(row), flush=True)
         rows.append(row)
 
