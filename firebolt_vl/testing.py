@@ -17,6 +17,20 @@ from PIL import Image
 SQUARE_COLORS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
+def write_vqav2_official(root: Path, questions: list[dict], annotations: list[dict]) -> None:
+    """VQAv2's official val2014 question and annotation files in `root` (images are the caller's)."""
+    (root / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(
+        {"data_subtype": "val2014", "questions": questions}))
+    (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+
+
+def vqa_annotation(qid: int, answers: list[str], atype: str = "other") -> dict:
+    """One VQAv2 annotation: the ten human `answers` of question (and image) `qid`."""
+    return {"question_id": qid, "image_id": qid, "answer_type": atype, "question_type": "what",
+            "multiple_choice_answer": answers[0],
+            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]}
+
+
 def square_image(folder: Path, color: str) -> str:
     """`img/<color>.png` under `folder` (a 40 x 32 image of one of SQUARE_COLORS, written once); the relative path."""
     path = folder / "img" / f"{color}.png"

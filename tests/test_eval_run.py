@@ -10,7 +10,7 @@ from firebolt_vl.cli import main as cli_main
 from firebolt_vl.eval import load_benchmark, score
 from firebolt_vl.eval.runner import (PREDICTIONS_FILE, SCORES_FILE, evaluate, plan_batches, read_prediction_records)
 from firebolt_vl.eval.score import read_predictions
-from firebolt_vl.testing import truncated_jpeg
+from firebolt_vl.testing import truncated_jpeg, vqa_annotation, write_vqav2_official
 
 
 @pytest.fixture(scope="module")
@@ -281,14 +281,8 @@ def test_eval_mode_reaches_the_scorer_and_a_bad_mode_fails_first(model_dir, tmp_
     (data / "val2014").mkdir(parents=True)
     for q in (1, 2):
         Image.new("RGB", (48, 40), (200, 40 * q, 10)).save(data / "val2014" / f"COCO_val2014_{q:012d}.jpg")
-    (data / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(
-        {"data_subtype": "val2014", "questions": [{"question_id": q, "image_id": q, "question": "What?"}
-                                                  for q in (1, 2)]}))
-    (data / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": [
-        {"question_id": q, "image_id": q, "answer_type": "other", "question_type": "what",
-         "multiple_choice_answer": "x",
-         "answers": [{"answer": "x", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)]}
-        for q in (1, 2)]}))
+    write_vqav2_official(data, [{"question_id": q, "image_id": q, "question": "What?"} for q in (1, 2)],
+                         [vqa_annotation(q, ["x"] * 10) for q in (1, 2)])
     scores = {}
     for mode in ("evalai", "vqaeval"):
         out = tmp_path / mode

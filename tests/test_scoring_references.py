@@ -16,6 +16,7 @@ from firebolt_vl.eval.scorers import (
     ai2d_lmms_eval_filter, mme_parse, scienceqa_llava_parse, scienceqa_official_parse, vqa_accuracy,
     vqa_evalai_normalize, vqa_evalai_process_punctuation, write_vqav2_submission,
 )
+from firebolt_vl.testing import vqa_annotation, write_vqav2_official
 
 
 def item(qid, **meta):
@@ -67,21 +68,9 @@ def test_vqav2_mode_in_result_and_bad_mode():
         score("pope", [], {}, mode="evalai")
 
 
-def _vqa_official(root, questions, annotations):
-    (root / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(
-        {"data_subtype": "val2014", "questions": questions}))
-    (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
-
-
-def _ann(qid, answers, atype="other"):
-    return {"question_id": qid, "image_id": qid, "answer_type": atype, "question_type": "what",
-            "multiple_choice_answer": answers[0],
-            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]}
-
-
 def test_vqav2_result_array_scores_as_the_server(tmp_path, recwarn):
-    _vqa_official(tmp_path, [{"question_id": q, "image_id": q, "question": "?"} for q in (1, 2, 3)],
-                  [_ann(1, ["2"] * 10, "number"), _ann(2, ["ten"] * 3 + ["x"] * 7), _ann(3, ["red"] * 10)])
+    write_vqav2_official(tmp_path, [{"question_id": q, "image_id": q, "question": "?"} for q in (1, 2, 3)],
+                  [vqa_annotation(1, ["2"] * 10, "number"), vqa_annotation(2, ["ten"] * 3 + ["x"] * 7), vqa_annotation(3, ["red"] * 10)])
     raw = {1: "Two.\n", 2: "ten", 3: " Red "}
     sub = tmp_path / "vqav2_submission.json"
     assert write_vqav2_submission(raw, sub) == 3
